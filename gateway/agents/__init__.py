@@ -1,0 +1,1 @@
+"""Agents shipped with the core (more arrive as plugins in the ``gateway.agents`` group)."""

@@ -1,0 +1,189 @@
+"""The platform-neutral message model: what drivers hand the core and what the core hands back.
+
+Every class is frozen and built through a named constructor (``Incoming.create``, a driver's own
+``incoming_from_<platform>(payload)``, ``Incoming.from_record`` for the inbox), never ``Model(**raw)``
+from a wire format.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "Attachment",
+    "ConversationKind",
+    "FeedbackEvent",
+    "Incoming",
+    "Mention",
+    "Outcome",
+    "Reply",
+]
+
+# Reply ids are derived from (instance, message id) so that a message resumed after a crash updates the
+# reply it already has instead of creating a second one.  The namespace is fixed forever for that reason.
+_REPLY_NAMESPACE = uuid.UUID("5b0c2f4e-8a0e-4d51-9b43-6f1c1d7e2a10")
+
+
+class ConversationKind(str, enum.Enum):
+    SINGLE = "single"
+    GROUP = "group"
+
+
+@attrs.frozen
+class Mention:
+    user_id: str
+    name: str = ""
+
+
+@attrs.frozen
+class Attachment:
+    """A file, picture or other non-text part.  ``url`` may be a platform download code."""
+
+    kind: str
+    name: str = ""
+    url: str = attrs.field(default="", repr=False)
+    mime_type: str = ""
+
+
+def _tuple_of(cls: type[Any]) -> Any:
+    def convert(items: Iterable[Any]) -> tuple[Any, ...]:
+        return tuple(i if isinstance(i, cls) else cls(**i) for i in items)
+
+    return convert
+
+
+@attrs.frozen
+class Incoming:
+    """One message received by one instance.
+
+    ``message_id`` is the platform's id of the *message* (a redelivery carries the same one), which is
+    what the inbox deduplicates on.  ``raw`` is the platform payload, kept for the driver; it is left out
+    of ``repr`` because payloads carry reply URLs that work as credentials.
+    """
+
+    instance: str
+    message_id: str
+    conversation_id: str
+    conversation_kind: ConversationKind = attrs.field(converter=ConversationKind)
+    sender_id: str
+    sender_name: str
+    text: str
+    mentions: tuple[Mention, ...] = attrs.field(converter=_tuple_of(Mention))
+    attachments: tuple[Attachment, ...] = attrs.field(converter=_tuple_of(Attachment))
+    raw: Mapping[str, Any] = attrs.field(repr=False, eq=False, hash=False)
+    received_at: float
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        instance: str,
+        message_id: str,
+        conversation_id: str,
+        sender_id: str,
+        text: str,
+        conversation_kind: ConversationKind | str = ConversationKind.SINGLE,
+        sender_name: str = "",
+        mentions: Iterable[Mention] = (),
+        attachments: Iterable[Attachment] = (),
+        raw: Mapping[str, Any] | None = None,
+        received_at: float | None = None,
+    ) -> Incoming:
+        """Build a message; ``received_at`` defaults to now (epoch seconds)."""
+        if not message_id:
+            raise ValueError("an incoming message needs the platform's message id")
+        return cls(
+            instance=instance,
+            message_id=message_id,
+            conversation_id=conversation_id,
+            conversation_kind=ConversationKind(conversation_kind),
+            sender_id=sender_id,
+            sender_name=sender_name,
+            text=text,
+            mentions=tuple(mentions),
+            attachments=tuple(attachments),
+            raw=dict(raw or {}),
+            received_at=time.time() if received_at is None else received_at,
+        )
+
+    @property
+    def reply_id(self) -> str:
+        """A stable id for this message's reply, the same after a restart."""
+        return str(uuid.uuid5(_REPLY_NAMESPACE, f"{self.instance}\x00{self.message_id}"))
+
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-able dict for the durable inbox."""
+        return attrs.asdict(self, value_serializer=_serialize)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Incoming:
+        """Rebuild a message stored by :meth:`to_record`."""
+        return cls(**record)
+
+
+def _serialize(inst: Any, field: Any, value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
+class Outcome(str, enum.Enum):
+    """How a reply ended."""
+
+    ANSWERED = "answered"
+    FAILED = "failed"  # the agent failed or timed out; the user saw an error text
+    INTERRUPTED = "interrupted"  # cancelled (shutdown, /stop); the user saw what was there
+    DENIED = "denied"  # access control refused it
+
+
+@attrs.frozen
+class Reply:
+    """The final state of the reply to one message."""
+
+    instance: str
+    message_id: str
+    reply_id: str
+    text: str
+    outcome: Outcome = attrs.field(converter=Outcome)
+
+    @classmethod
+    def for_message(cls, message: Incoming, text: str, outcome: Outcome) -> Reply:
+        return cls(message.instance, message.message_id, message.reply_id, text, outcome)
+
+
+@attrs.frozen
+class FeedbackEvent:
+    """A user's rating of a reply (a click on a feedback button).
+
+    ``rating`` is the action's value as configured (e.g. ``"helpful"``); one row is kept per
+    (instance, reply, user), so a second click replaces the first.
+    """
+
+    instance: str
+    reply_id: str
+    user_id: str
+    rating: str
+    message_id: str = ""
+    comment: str = ""
+    at: float = attrs.field(factory=time.time)
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        instance: str,
+        reply_id: str,
+        user_id: str,
+        rating: str,
+        message_id: str = "",
+        comment: str = "",
+    ) -> FeedbackEvent:
+        if not rating:
+            raise ValueError("feedback needs a rating")
+        return cls(instance, reply_id, user_id, rating, message_id, comment)

@@ -1,0 +1,65 @@
+"""A string type for credentials that never prints itself.
+
+Settings classes type credential fields as :class:`Secret`.  ``str()``, ``repr()`` and f-strings of a
+Secret give ``***``; the only way to the value is :meth:`Secret.reveal`, which makes every use of a
+credential easy to find in review.  Every Secret created is also registered with the log redactor
+(:mod:`gateway.logs`), so a value that leaks into an exception message from a library is still masked.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import ClassVar
+
+__all__ = ["Secret", "known_secret_values"]
+
+_MASK = "***"
+
+
+class Secret:
+    """A credential.  Compare with ``==``; read with :meth:`reveal`; prints as ``***``."""
+
+    __slots__ = ("_value",)
+
+    _registry: ClassVar[set[str]] = set()
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError("Secret wraps a str")
+        self._value = value
+        # Short values would make the redactor mask ordinary words; they are weak secrets anyway.
+        if len(value) >= 4:
+            with Secret._lock:
+                Secret._registry.add(value)
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret({_MASK!r})"
+
+    def __str__(self) -> str:
+        return _MASK
+
+    def __format__(self, spec: str) -> str:
+        return _MASK
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(("Secret", self._value))
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __reduce__(self) -> object:
+        # Pickling would write the value somewhere unintended; nothing in the gateway needs it.
+        raise TypeError("Secret values cannot be pickled")
+
+
+def known_secret_values() -> frozenset[str]:
+    """Every secret value created in this process (for the log redactor)."""
+    with Secret._lock:
+        return frozenset(Secret._registry)
