@@ -1,0 +1,223 @@
+"""The ``gateway`` command: run, check, plugins, new.
+
+Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway.config import InstanceConfig, ProcessSettings, load_instances, load_process_settings
+from gateway.errors import ConfigError, PluginError
+from gateway.logs import setup_logging
+from gateway.plugins import AGENTS, DRIVERS, PluginRegistry
+from gateway.runtime import Gateway
+from gateway.scaffold import render_instance
+
+__all__ = ["main"]
+
+log = logging.getLogger("gateway")
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_CONFIG
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        print(f"gateway: invalid configuration ({len(exc.problems)} problem(s)):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except PluginError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="Connect IM robots to AI agents.")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", choices=["text", "json"])
+    sub = parser.add_subparsers(dest="command")
+
+    def add_paths(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--instances", type=Path, default=Path("instances"), help="instances folder")
+        p.add_argument(
+            "--config", type=Path, default=None, help="process settings (default ./gateway.toml)"
+        )
+
+    run = sub.add_parser("run", help="run every enabled instance until stopped")
+    add_paths(run)
+    run.set_defaults(handler=_run)
+
+    check = sub.add_parser("check", help="validate every config file; connect nothing")
+    add_paths(check)
+    check.set_defaults(handler=_check)
+
+    plugins = sub.add_parser("plugins", help="list the drivers and agents found")
+    plugins.set_defaults(handler=_plugins)
+
+    new = sub.add_parser("new", help="write a commented instance file for a driver type")
+    new.add_argument("type", help="driver type (see `gateway plugins`)")
+    new.add_argument("name", help="instance name (the file name without extension)")
+    new.add_argument("--agent", default="echo", help="agent type (default: echo)")
+    new.add_argument("--instances", type=Path, default=Path("instances"), help="instances folder")
+    new.add_argument("--force", action="store_true", help="overwrite an existing file")
+    new.set_defaults(handler=_new)
+    return parser
+
+
+def _process_settings(args: argparse.Namespace) -> ProcessSettings:
+    path = args.config or Path("gateway.toml")
+    return load_process_settings(path, required=args.config is not None)
+
+
+def _setup_logging(args: argparse.Namespace, process: ProcessSettings | None = None) -> None:
+    level = args.log_level or (process.log.level if process else "info")
+    fmt = args.log_format or (process.log.format if process else "text")
+    setup_logging(level, fmt)
+
+
+def _load(args: argparse.Namespace) -> tuple[ProcessSettings, list[InstanceConfig], PluginRegistry]:
+    problems = []
+    process = None
+    try:
+        process = _process_settings(args)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    registry = PluginRegistry.discover()
+    try:
+        configs = load_instances(args.instances, registry)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    assert process is not None
+    return process, configs, registry
+
+
+def _warn_broken_plugins(registry: PluginRegistry) -> None:
+    for group in (DRIVERS, AGENTS):
+        for plugin in registry.all(group):
+            if plugin.error:
+                log.warning(
+                    "plugin %s (%s %s) failed to load: %s",
+                    plugin.name,
+                    plugin.distribution,
+                    plugin.version,
+                    plugin.error,
+                )
+
+
+def _check(args: argparse.Namespace) -> int:
+    _setup_logging(args)
+    process, configs, registry = _load(args)
+    _warn_broken_plugins(registry)
+    for config in configs:
+        state = "enabled" if config.enabled else "disabled"
+        print(f"{config.name}: {config.driver_type} driver, {config.agent_type} agent ({state})")
+    print(f"configuration OK: {len(configs)} instance(s) in {args.instances}")
+    return EXIT_OK
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    _setup_logging(args)
+    registry = PluginRegistry.discover()
+    for group, heading in ((DRIVERS, "Drivers"), (AGENTS, "Agents")):
+        print(f"{heading} ({group}):")
+        plugins = registry.all(group)
+        if not plugins:
+            print("  (none installed)")
+        for plugin in plugins:
+            origin = f"{plugin.distribution} {plugin.version}"
+            if plugin.error:
+                print(f"  {plugin.name:<18} {origin:<24} FAILED TO LOAD: {plugin.error}")
+            else:
+                print(f"  {plugin.name:<18} {origin:<24} {plugin.title}: {plugin.description}")
+    return EXIT_OK
+
+
+def _new(args: argparse.Namespace) -> int:
+    _setup_logging(args)
+    registry = PluginRegistry.discover()
+    driver_class = registry.driver(args.type)
+    agent_class = registry.agent(args.agent)
+    path = args.instances / f"{args.name}.toml"
+    if path.exists() and not args.force:
+        print(f"gateway: {path} exists (use --force to overwrite)", file=sys.stderr)
+        return EXIT_CONFIG
+    text = render_instance(
+        name=args.name,
+        driver_type=args.type,
+        driver_class=driver_class,
+        agent_type=args.agent,
+        agent_class=agent_class,
+    )
+    args.instances.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        process = _process_settings(args)
+    except ConfigError:
+        _setup_logging(args)
+        raise
+    _setup_logging(args, process)
+    process, configs, registry = _load(args)
+    _warn_broken_plugins(registry)
+    if not any(c.enabled for c in configs):
+        log.warning("no enabled instance in %s; waiting for a reload or a signal", args.instances)
+    return asyncio.run(_serve(process, configs))
+
+
+async def _serve(process: ProcessSettings, configs: list[InstanceConfig]) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.info(
+                "%s received: finishing answers in flight (up to %g s); signal again to exit now",
+                signal.Signals(signum).name,
+                process.shutdown_grace,
+            )
+            stop.set()
+        else:
+            log.warning("second signal: exiting now")
+            # Answers in flight are resumed from the inbox on the next start.
+            os._exit(EXIT_FAILURE)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    gateway = await Gateway.open(process)
+    try:
+        await gateway.start_all(configs)
+        log.info("gateway running with %d instance(s)", len(gateway.instances))
+        await stop.wait()
+    finally:
+        await gateway.close()
+        log.info("gateway stopped")
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Process-wide settings: ``gateway.toml`` (optional), never inside the instances folder."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import attrs
+
+from gateway.config.envsubst import environment, substitute
+from gateway.config.schema import Problems, structure
+from gateway.errors import ConfigError, ConfigProblem
+
+__all__ = ["LogSettings", "ProcessSettings", "load_process_settings"]
+
+
+@attrs.frozen
+class LogSettings:
+    level: Literal["debug", "info", "warning", "error"] = attrs.field(
+        default="info", metadata={"help": "least severe level logged"}
+    )
+    format: Literal["text", "json"] = attrs.field(
+        default="text", metadata={"help": "text for people, json for log collectors"}
+    )
+
+
+@attrs.frozen
+class ProcessSettings:
+    state_dir: str = attrs.field(
+        default="./state",
+        metadata={"help": "where the inbox, feedback and histories are kept (relative: to this file)"},
+    )
+    shutdown_grace: float = attrs.field(
+        default=10.0,
+        validator=attrs.validators.ge(0),
+        metadata={"help": "seconds replies in flight may take to finish when stopping"},
+    )
+    inbox_ttl: float = attrs.field(
+        default=86400.0,
+        validator=attrs.validators.gt(0),
+        metadata={"help": "seconds an answered message is remembered for deduplication"},
+    )
+    max_attempts: int = attrs.field(
+        default=3,
+        validator=attrs.validators.ge(1),
+        metadata={"help": "times a message is resumed after crashes before it is given up"},
+    )
+    log: LogSettings = attrs.field(factory=LogSettings)
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir).resolve()
+
+
+def load_process_settings(
+    path: Path, *, required: bool = False, env: Mapping[str, str] | None = None
+) -> ProcessSettings:
+    """Read ``path``; a missing file gives the defaults unless ``required``."""
+    file = str(path)
+    if not path.is_file():
+        if required:
+            raise ConfigError([ConfigProblem(file, "", "config file not found")])
+        return ProcessSettings()
+    found: Problems = []
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError([ConfigProblem(file, "", f"cannot read TOML: {exc}")]) from exc
+    data = substitute(data, environment(None) if env is None else env, "", found, allow_missing=False)
+    settings = structure(ProcessSettings, data, "", found) if not found else None
+    if settings is None:
+        raise ConfigError([ConfigProblem(file, key, message) for key, message in found])
+    # Relative paths in the file mean "next to the file", wherever the gateway is started from.
+    return attrs.evolve(settings, state_dir=str(path.resolve().parent / settings.state_dir))
