@@ -16,7 +16,7 @@ from typing import Any
 
 from dotenv import dotenv_values
 
-from gateway.config.schema import Problems, Unresolved
+from gateway.config.schema import Problems, Substituted, Unresolved
 
 __all__ = ["environment", "substitute"]
 
@@ -73,13 +73,20 @@ def substitute(
         missing.append(name)
         return text
 
-    result = _REFERENCE.sub(replace, value)
+    used: list[str] = []
+
+    def record(match: re.Match[str]) -> str:
+        if match.group(1):
+            used.append(match.group(1))
+        return replace(match)
+
+    result = _REFERENCE.sub(record, value)
     if missing:
         if allow_missing:
             return Unresolved(missing[0])
         for name in missing:
             problems.append((path, f"environment variable {name} is not set"))
-    return result
+    return Substituted(result, tuple(used)) if used else result
 
 
 def _join(path: str, key: str) -> str:

@@ -20,7 +20,7 @@ import attrs
 
 from gateway.secrets import Secret
 
-__all__ = ["Problems", "Unresolved", "describe_type", "field_help", "structure"]
+__all__ = ["Problems", "Substituted", "Unresolved", "describe_type", "field_help", "structure"]
 
 Problems = list[tuple[str, str]]  # (key path, message)
 
@@ -31,6 +31,18 @@ class Unresolved:
     be present, its value is not checked."""
 
     variable: str
+
+
+class Substituted(str):
+    """A string that came (partly) from environment variables.  Error messages never show it: the
+    variable may hold a secret even where the key is not typed as one."""
+
+    variables: tuple[str, ...]
+
+    def __new__(cls, value: str, variables: tuple[str, ...]) -> Substituted:
+        self = super().__new__(cls, value)
+        self.variables = variables
+        return self
 
 
 _MISSING = object()
@@ -102,8 +114,9 @@ def _convert(tp: Any, value: Any, path: str, problems: Problems, *, secret: bool
         return _MISSING
     if origin is typing.Literal:
         choices = typing.get_args(tp)
-        if value in choices:
-            return value
+        for choice in choices:
+            if value == choice and type(value) is not bool:
+                return choice
         problems.append((path, f"expected one of {_choices(choices)}, got {_show(value, secret)}"))
         return _MISSING
     if origin in (list, tuple):
@@ -132,7 +145,7 @@ def _convert(tp: Any, value: Any, path: str, problems: Problems, *, secret: bool
         if isinstance(value, Secret):
             return value
         if isinstance(value, str):
-            return Secret(value)
+            return Secret(str(value))
         problems.append((path, f"expected a string (secret), got {_kind(value)}"))
         return _MISSING
     if tp is bool:
@@ -164,7 +177,7 @@ def _convert(tp: Any, value: Any, path: str, problems: Problems, *, secret: bool
         return _MISSING
     if tp is str:
         if isinstance(value, str):
-            return value
+            return str(value)
         problems.append((path, f"expected a string, got {_kind(value)}"))
         return _MISSING
     problems.append((path, f"unsupported type {tp!r} in settings class"))
@@ -212,7 +225,12 @@ def _choices(choices: tuple[Any, ...]) -> str:
 
 
 def _show(value: Any, secret: bool) -> str:
-    return "a secret value" if secret else repr(value)
+    if secret:
+        return "a secret value"
+    if isinstance(value, Substituted):
+        names = ", ".join(f"${{{v}}}" for v in value.variables)
+        return f"the value of {names} (not shown)"
+    return repr(value)
 
 
 def _kind(value: Any) -> str:
