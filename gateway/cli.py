@@ -123,7 +123,7 @@ def _warn_broken_plugins(registry: PluginRegistry) -> None:
 
 def _check(args: argparse.Namespace) -> int:
     _setup_logging(args)
-    process, configs, registry = _load(args)
+    _, configs, registry = _load(args)
     _warn_broken_plugins(registry)
     for config in configs:
         state = "enabled" if config.enabled else "disabled"
@@ -172,13 +172,8 @@ def _new(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    try:
-        process = _process_settings(args)
-    except ConfigError:
-        _setup_logging(args)
-        raise
-    _setup_logging(args, process)
     process, configs, registry = _load(args)
+    _setup_logging(args, process)
     _warn_broken_plugins(registry)
     if not any(c.enabled for c in configs):
         log.warning("no enabled instance in %s; waiting for a reload or a signal", args.instances)

@@ -30,7 +30,7 @@ __all__ = [
 _REPLY_NAMESPACE = uuid.UUID("5b0c2f4e-8a0e-4d51-9b43-6f1c1d7e2a10")
 
 
-class ConversationKind(str, enum.Enum):
+class ConversationKind(enum.StrEnum):
     SINGLE = "single"
     GROUP = "group"
 
@@ -133,7 +133,7 @@ def _serialize(inst: Any, field: Any, value: Any) -> Any:
     return value
 
 
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     """How a reply ended."""
 
     ANSWERED = "answered"

@@ -120,9 +120,9 @@ class ReplyStream:
             self._wake.clear()
             if self._final is not None or not self._editable or self._capped():
                 continue
-            if not (self._policy.every_chunks and self._chunks >= self._policy.every_chunks):
+            if not self._chunks_due():
                 delay = self._last_call + self._policy.interval - loop.time()
-                if delay > 0 and await self._final_within(delay):
+                if delay > 0 and await self._ended_within(delay):
                     break
             if self._text != self._shown:
                 self._chunks = 0
@@ -140,16 +140,20 @@ class ReplyStream:
         # The last allowed update is reserved for the final text.
         return bool(self._policy.max_updates) and self._updates >= self._policy.max_updates - 1
 
-    async def _final_within(self, delay: float) -> bool:
-        """Sleep up to ``delay``; True if the reply was ended meanwhile (then stop pacing)."""
+    def _chunks_due(self) -> bool:
+        return bool(self._policy.every_chunks) and self._chunks >= self._policy.every_chunks
+
+    async def _ended_within(self, delay: float) -> bool:
+        """Wait up to ``delay`` (less if enough chunks arrive); True if the reply was ended meanwhile
+        (then pacing stops and the final state is sent)."""
         try:
             async with asyncio.timeout(delay):
-                while self._final is None:
+                while self._final is None and not self._chunks_due():
                     await self._wake.wait()
                     self._wake.clear()
         except TimeoutError:
             return False
-        return True
+        return self._final is not None
 
     async def _flush_full_parts(self, text: str) -> str:
         """Finish every part that is full, return what remains visible in the current part."""
@@ -186,7 +190,9 @@ class ReplyStream:
                 extra={"message_id": self._message_id, "event": "reply_lost"},
             )
 
-    async def _call(self, what: str, method: Callable[..., Awaitable[Any]], *args: Any, **kw: Any) -> bool:
+    async def _call(
+        self, what: str, method: Callable[..., Awaitable[Any]], *args: Any, **kw: Any
+    ) -> bool:
         try:
             await method(*args, **kw)
         except Exception as exc:

@@ -120,7 +120,9 @@ def _load_group(group: str) -> dict[str, Plugin]:
         base = _BASES[group]
         if not (isinstance(cls, type) and issubclass(cls, base)):
             plugins[ext.name] = _plugin(
-                group, ext.entry_point, error=f"{ext.entry_point.value} is not a {base.__name__} class"
+                group,
+                ext.entry_point,
+                error=f"{ext.entry_point.value} is not a {base.__name__} class",
             )
         elif getattr(cls, "settings_class", None) is None:
             plugins[ext.name] = _plugin(
@@ -131,7 +133,9 @@ def _load_group(group: str) -> dict[str, Plugin]:
     return plugins
 
 
-def _plugin(group: str, entry_point: Any, *, cls: type[Any] | None = None, error: str = "") -> Plugin:
+def _plugin(
+    group: str, entry_point: Any, *, cls: type[Any] | None = None, error: str = ""
+) -> Plugin:
     dist = getattr(entry_point, "dist", None)
     return Plugin(
         group=group,

@@ -91,7 +91,9 @@ class InstanceRuntime:
 
     async def deliver(self, message: Incoming) -> bool:
         if message.instance != self.instance:
-            raise ValueError(f"message for instance {message.instance!r} delivered to {self.instance!r}")
+            raise ValueError(
+                f"message for instance {message.instance!r} delivered to {self.instance!r}"
+            )
         if not self._accepting:
             raise ShuttingDown(f"instance {self.instance} is stopping")
         if not await self._inbox.add(message):
@@ -105,7 +107,9 @@ class InstanceRuntime:
         return True
 
     async def feedback(self, event: FeedbackEvent) -> None:
-        entry = await self._inbox.entry(event.instance, event.message_id) if event.message_id else None
+        entry = (
+            await self._inbox.entry(event.instance, event.message_id) if event.message_id else None
+        )
         await self._feedback.record(
             event,
             question=entry.message.text if entry else "",
@@ -121,13 +125,17 @@ class InstanceRuntime:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> asyncio.Task[None]:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"instance:{self.instance}")
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"instance:{self.instance}"
+        )
         return self._task
 
     async def _run(self) -> None:
         current_instance.set(self.instance)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.logger.info("starting (%s driver, %s agent)", self.config.driver_type, self.config.agent_type)
+        self.logger.info(
+            "starting (%s driver, %s agent)", self.config.driver_type, self.config.agent_type
+        )
         try:
             await self._resume()
             await self._supervisor.run()
@@ -149,7 +157,9 @@ class InstanceRuntime:
                 await self._inbox.finish(Reply.for_message(entry.message, "", Outcome.FAILED))
         pending = await self._inbox.pending(self.instance)
         if pending:
-            self.logger.info("resuming %d unanswered message(s)", len(pending), extra={"event": "resume"})
+            self.logger.info(
+                "resuming %d unanswered message(s)", len(pending), extra={"event": "resume"}
+            )
         for message in pending:
             self._schedule(message)
 
@@ -158,7 +168,9 @@ class InstanceRuntime:
         interrupted, then close the driver and the agent."""
         self._accepting = False
         if not await self._scheduler.wait(grace):
-            self.logger.warning("interrupting the answers still running", extra={"event": "interrupt"})
+            self.logger.warning(
+                "interrupting the answers still running", extra={"event": "interrupt"}
+            )
             await self._scheduler.cancel()
         self._supervisor.stopping = True
         await self._close_quietly("driver", self.driver.close())
@@ -268,7 +280,10 @@ class InstanceRuntime:
             await stream.fail(text, "Something went wrong while answering.")
         await self._inbox.finish(Reply.for_message(message, stream.outcome_text, outcome))
         self.logger.info(
-            "answered message %s (%s)", message.message_id, outcome.value, extra={**extra, "event": "answered"}
+            "answered message %s (%s)",
+            message.message_id,
+            outcome.value,
+            extra={**extra, "event": "answered"},
         )
 
 

@@ -31,7 +31,7 @@ from gateway.errors import AuthenticationError, ConnectionLost, DriverConfigErro
 __all__ = ["InstanceState", "InstanceStatus", "Supervisor"]
 
 
-class InstanceState(str, enum.Enum):
+class InstanceState(enum.StrEnum):
     STARTING = "starting"
     CONNECTED = "connected"
     RECONNECTING = "reconnecting"
@@ -145,7 +145,10 @@ class Supervisor:
             self._log.warning("connection lost: %s", exc, extra={"event": "connection_lost"})
         else:
             self._log.warning(
-                "connection failed: %s: %s", type(exc).__name__, exc, extra={"event": "connect_failed"}
+                "connection failed: %s: %s",
+                type(exc).__name__,
+                exc,
+                extra={"event": "connect_failed"},
             )
             self._log.debug("connection failure details", exc_info=exc)
 

@@ -55,7 +55,13 @@ def run(steps: list[tuple[bool, float, BaseException]], jitter: Callable[[], flo
     script = Script(clock, steps)
     status = InstanceStatus(driver="test")
     supervisor = Supervisor(
-        script.serve, status, SETTINGS, instance_logger("t"), sleep=sleep, clock=clock, jitter=jitter
+        script.serve,
+        status,
+        SETTINGS,
+        instance_logger("t"),
+        sleep=sleep,
+        clock=clock,
+        jitter=jitter,
     )
     script.supervisor = supervisor
     with pytest.raises(asyncio.CancelledError):
@@ -114,6 +120,7 @@ def test_config_error_then_recovery() -> None:
     ]
     delays, status, _ = run(steps)
     assert delays == [1, 0.0]
+    assert status.state is InstanceState.RECONNECTING
 
 
 def test_serve_returning_without_close_is_treated_as_a_lost_connection() -> None:

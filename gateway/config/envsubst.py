@@ -61,7 +61,9 @@ def substitute(
             return "$"
         name, default = match.group(1), match.group(2)
         if name is None:
-            problems.append((path, f"malformed reference {text!r} (use ${{NAME}} or ${{NAME:-default}})"))
+            problems.append(
+                (path, f"malformed reference {text!r} (use ${{NAME}} or ${{NAME:-default}})")
+            )
             return text
         found = env.get(name)
         if found:

@@ -108,7 +108,9 @@ class ReconnectSettings:
     healthy_after: float = attrs.field(
         default=30.0,
         validator=_ge0,
-        metadata={"help": "a session up this long resets the backoff; shorter ones count as failures"},
+        metadata={
+            "help": "a session up this long resets the backoff; shorter ones count as failures"
+        },
     )
 
 
@@ -146,7 +148,11 @@ def load_instances(
     for path in files:
         if path.stem in seen:
             problems.append(
-                ConfigProblem(str(path), "", f"duplicate instance name {path.stem!r} (also {seen[path.stem].name})")
+                ConfigProblem(
+                    str(path),
+                    "",
+                    f"duplicate instance name {path.stem!r} (also {seen[path.stem].name})",
+                )
             )
             continue
         seen[path.stem] = path
@@ -175,7 +181,16 @@ def load_instance(
     if data is None:
         raise fail()
 
-    known = {"type", "enabled", "description", "settings", "agent", "reply", "conversation", "reconnect"}
+    known = {
+        "type",
+        "enabled",
+        "description",
+        "settings",
+        "agent",
+        "reply",
+        "conversation",
+        "reconnect",
+    }
     for key in data:
         if key not in known:
             found.append((str(key), f"unknown key (expected one of: {', '.join(sorted(known))})"))
@@ -198,13 +213,17 @@ def load_instance(
 
     settings = None
     if driver_class is not None:
-        settings = structure(driver_class.settings_class, data.get("settings", {}), "settings", found)
+        settings = structure(
+            driver_class.settings_class, data.get("settings", {}), "settings", found
+        )
     agent_settings = None
     if agent_class is not None and isinstance(agent_table, Mapping):
         own = {k: v for k, v in agent_table.items() if k != "type"}
         agent_settings = structure(agent_class.settings_class, own, "agent", found)
     reply = structure(ReplySettings, data.get("reply", {}), "reply", found)
-    conversation = structure(ConversationSettings, data.get("conversation", {}), "conversation", found)
+    conversation = structure(
+        ConversationSettings, data.get("conversation", {}), "conversation", found
+    )
     reconnect = structure(ReconnectSettings, data.get("reconnect", {}), "reconnect", found)
     if not isinstance(data.get("description", ""), str):
         found.append(("description", "expected a string"))

@@ -30,7 +30,9 @@ class LogSettings:
 class ProcessSettings:
     state_dir: str = attrs.field(
         default="./state",
-        metadata={"help": "where the inbox, feedback and histories are kept (relative: to this file)"},
+        metadata={
+            "help": "where the inbox, feedback and histories are kept (relative: to this file)"
+        },
     )
     shutdown_grace: float = attrs.field(
         default=10.0,
@@ -68,7 +70,9 @@ def load_process_settings(
         data = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError([ConfigProblem(file, "", f"cannot read TOML: {exc}")]) from exc
-    data = substitute(data, environment(None) if env is None else env, "", found, allow_missing=False)
+    data = substitute(
+        data, environment(None) if env is None else env, "", found, allow_missing=False
+    )
     settings = structure(ProcessSettings, data, "", found) if not found else None
     if settings is None:
         raise ConfigError([ConfigProblem(file, key, message) for key, message in found])

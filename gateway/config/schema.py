@@ -139,7 +139,9 @@ def _convert(tp: Any, value: Any, path: str, problems: Problems, *, secret: bool
             return tp(value)
         except ValueError:
             choices = tuple(m.value for m in tp)
-            problems.append((path, f"expected one of {_choices(choices)}, got {_show(value, secret)}"))
+            problems.append(
+                (path, f"expected one of {_choices(choices)}, got {_show(value, secret)}")
+            )
             return _MISSING
     if tp is Secret:
         if isinstance(value, Secret):
