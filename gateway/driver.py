@@ -72,8 +72,10 @@ class ReplyChannel(abc.ABC):
         """Show ``text``, the answer so far."""
 
     @abc.abstractmethod
-    async def finish(self, text: str, *, feedback: bool) -> None:
-        """Show the final ``text``; with ``feedback``, attach the feedback actions."""
+    async def finish(self, text: str, *, last: bool, feedback: bool) -> None:
+        """Show the final ``text`` of this part.  ``last`` is False for the full parts of a long
+        answer that continues in a follow-up; with ``feedback`` (only ever on the last part), attach
+        the feedback actions."""
 
     @abc.abstractmethod
     async def fail(self, text: str, error: str) -> None:
@@ -84,8 +86,8 @@ class ReplyChannel(abc.ABC):
     def follow_up(self, index: int) -> ReplyChannel:
         """A channel for part ``index`` (1, 2, ...) of a long answer, in the same conversation.
 
-        The core calls ``finish`` on this channel before using the follow-up, and never calls
-        ``start`` on a follow-up."""
+        The core finishes this channel (``last=False``) before using the follow-up, and never
+        calls ``start`` on a follow-up."""
 
 
 class DriverContext(Protocol):

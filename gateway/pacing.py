@@ -160,7 +160,9 @@ class ReplyStream:
         visible = self._carry + text[self._base :]
         while self._limit and len(visible) > self._limit:
             part, carry = cut(text[self._base :], self._limit, prefix=self._carry)
-            await self._call("finish", self._channel.finish, part.text, feedback=False)
+            await self._call(
+                "finish", self._channel.finish, part.text, last=False, feedback=False
+            )
             self._base += len(part.body)
             self._carry = carry
             self._part += 1
@@ -177,7 +179,9 @@ class ReplyStream:
         visible = await self._flush_full_parts(final.text)
         self.outcome_text = final.text
         if final.error is None:
-            if await self._call("finish", self._channel.finish, visible, feedback=self._feedback):
+            if await self._call(
+                "finish", self._channel.finish, visible, last=True, feedback=self._feedback
+            ):
                 return
             error = "The answer could not be shown completely."
         else:

@@ -51,14 +51,14 @@ def start(gateway: Gateway, config: InstanceConfig) -> tuple[InstanceRuntime, Me
 
 
 async def connected(runtime: InstanceRuntime) -> None:
-    async with asyncio.timeout(2):
+    async with asyncio.timeout(10):
         while runtime.status.state is not InstanceState.CONNECTED:
             await asyncio.sleep(0.005)
 
 
 async def settled(gateway: Gateway, message_id: str, instance: str = "bot"):
     """The inbox entry once the turn has recorded its outcome (just after the reply ended)."""
-    async with asyncio.timeout(2):
+    async with asyncio.timeout(10):
         while True:
             entry = await gateway.inbox.entry(instance, message_id)
             if entry is not None and entry.outcome is not None:
@@ -109,7 +109,7 @@ async def test_sessions_run_in_parallel_up_to_the_concurrency_limit(gateway, con
     await connected(runtime)
     for i in range(5):
         await driver.inject("wait", sender=f"user{i}", message_id=f"p{i}")
-    async with asyncio.timeout(2):
+    async with asyncio.timeout(10):
         while runtime._scheduler.running < 3:
             await asyncio.sleep(0.005)
     await asyncio.sleep(0.05)
@@ -154,7 +154,7 @@ async def test_one_failing_instance_does_not_affect_another(gateway, configure) 
     broken, _ = start(gateway, configure("broken", extra="[settings]\ncrash = true"))
     healthy, driver = start(gateway, configure("healthy"))
     await connected(healthy)
-    async with asyncio.timeout(2):
+    async with asyncio.timeout(10):
         while broken.status.reconnects < 5:
             await asyncio.sleep(0.005)
     assert broken.status.last_error == "RuntimeError: driver bug"

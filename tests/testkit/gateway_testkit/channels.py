@@ -11,8 +11,7 @@ from gateway.driver import ReplyChannel
 class RecordingChannel(ReplyChannel):
     """Records calls as (part index, method, text, ...) tuples in ``log``, shared with follow-ups.
 
-    The reply is done (``done`` set, ``on_done`` called) at a ``finish`` with feedback or a ``fail``;
-    channels for platforms without feedback must be finished with ``feedback=True`` by their tests.
+    The reply is done (``done`` set, ``on_done`` called) at the last ``finish`` or a ``fail``.
 
     ``delay`` makes every call take that long (a slow platform); ``fail_on`` names methods that raise.
     ``max_in_flight`` records the most calls that were ever running at once (must stay 1).
@@ -64,9 +63,9 @@ class RecordingChannel(ReplyChannel):
     async def update(self, text: str) -> None:
         await self._record("update", text)
 
-    async def finish(self, text: str, *, feedback: bool) -> None:
+    async def finish(self, text: str, *, last: bool, feedback: bool) -> None:
         await self._record("finish", text, feedback)
-        if feedback:
+        if last:
             self._mark_done()
 
     async def fail(self, text: str, error: str) -> None:
