@@ -138,7 +138,11 @@ async def test_a_failing_update_is_superseded_and_a_failing_final_falls_back_to_
     stream.push("one two")
     await asyncio.sleep(0.01)
     await stream.finish("one two three")
-    assert channel.log[-1][1:] == ("fail", "one two three", "The answer could not be shown completely.")
+    assert channel.log[-1][1:] == (
+        "fail",
+        "one two three",
+        "The answer could not be shown completely.",
+    )
 
 
 async def test_final_state_lands_even_if_the_caller_is_cancelled() -> None:

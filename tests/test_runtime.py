@@ -33,7 +33,9 @@ async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
 
 @pytest.fixture
 def configure(tmp_path: Path) -> Callable[..., InstanceConfig]:
-    def make(name: str = "bot", *, agent: str = 'type = "echo"\ndelay = 0', extra: str = "") -> InstanceConfig:
+    def make(
+        name: str = "bot", *, agent: str = 'type = "echo"\ndelay = 0', extra: str = ""
+    ) -> InstanceConfig:
         path = tmp_path / f"{name}.toml"
         path.write_text(
             f'type = "memory"\n{extra}\n[agent]\n{agent}\n[reply]\nupdate_interval = 0.0\n'
@@ -170,7 +172,9 @@ async def test_a_platform_down_at_start_is_retried_until_it_connects(gateway, co
     assert runtime.status.reconnects == 4
 
 
-async def test_stop_finishes_in_time_or_interrupts_and_refuses_new_messages(gateway, configure) -> None:
+async def test_stop_finishes_in_time_or_interrupts_and_refuses_new_messages(
+    gateway, configure
+) -> None:
     config = configure(agent='type = "scripted"\nthen = "hang"')
     runtime, driver = start(gateway, config)
     await connected(runtime)
