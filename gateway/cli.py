@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gateway.config import InstanceConfig, ProcessSettings, load_instances, load_process_settings
-from gateway.errors import ConfigError, PluginError
+from gateway.errors import ConfigError, ConfigProblem, PluginError
 from gateway.logs import setup_logging
 from gateway.plugins import AGENTS, DRIVERS, PluginRegistry
 from gateway.runtime import Gateway
@@ -91,7 +91,7 @@ def _setup_logging(args: argparse.Namespace, process: ProcessSettings | None = N
 
 
 def _load(args: argparse.Namespace) -> tuple[ProcessSettings, list[InstanceConfig], PluginRegistry]:
-    problems = []
+    problems: list[ConfigProblem] = []
     process = None
     try:
         process = _process_settings(args)

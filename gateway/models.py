@@ -51,11 +51,12 @@ class Attachment:
     mime_type: str = ""
 
 
-def _tuple_of(cls: type[Any]) -> Any:
-    def convert(items: Iterable[Any]) -> tuple[Any, ...]:
-        return tuple(i if isinstance(i, cls) else cls(**i) for i in items)
+def _mentions(items: Iterable[Any]) -> tuple[Mention, ...]:
+    return tuple(i if isinstance(i, Mention) else Mention(**i) for i in items)
 
-    return convert
+
+def _attachments(items: Iterable[Any]) -> tuple[Attachment, ...]:
+    return tuple(i if isinstance(i, Attachment) else Attachment(**i) for i in items)
 
 
 @attrs.frozen
@@ -74,8 +75,8 @@ class Incoming:
     sender_id: str
     sender_name: str
     text: str
-    mentions: tuple[Mention, ...] = attrs.field(converter=_tuple_of(Mention))
-    attachments: tuple[Attachment, ...] = attrs.field(converter=_tuple_of(Attachment))
+    mentions: tuple[Mention, ...] = attrs.field(converter=_mentions)
+    attachments: tuple[Attachment, ...] = attrs.field(converter=_attachments)
     raw: Mapping[str, Any] = attrs.field(repr=False, eq=False, hash=False)
     received_at: float
 

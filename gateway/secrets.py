@@ -9,7 +9,7 @@ credential easy to find in review.  Every Secret created is also registered with
 from __future__ import annotations
 
 import threading
-from typing import ClassVar
+from typing import Any, ClassVar
 
 __all__ = ["Secret", "known_secret_values"]
 
@@ -54,7 +54,7 @@ class Secret:
     def __bool__(self) -> bool:
         return bool(self._value)
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> str | tuple[Any, ...]:
         # Pickling would write the value somewhere unintended; nothing in the gateway needs it.
         raise TypeError("Secret values cannot be pickled")
 

@@ -109,9 +109,9 @@ class Supervisor:
             raise
         if not self.stopping:
             # serve() must not return by itself; treat it as a lost connection rather than stop.
-            exc = ConnectionLost("the driver's serve() returned without being closed")
-            self._after_failure(exc)
-            raise exc
+            lost = ConnectionLost("the driver's serve() returned without being closed")
+            self._after_failure(lost)
+            raise lost
 
     def _after_failure(self, exc: Exception) -> None:
         up = None if self._connected_at is None else self._clock() - self._connected_at

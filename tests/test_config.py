@@ -169,7 +169,9 @@ def test_missing_type_and_syntax_errors(tmp_path: Path) -> None:
     write(tmp_path, "c.json", "{not json")
     write(tmp_path, "d.json", "[1, 2]")
     found = problems(tmp_path)
-    assert any(p.endswith("a.toml: type: missing (expected the plugin's entry-point name)") for p in found)
+    assert any(
+        p.endswith("a.toml: type: missing (expected the plugin's entry-point name)") for p in found
+    )
     assert any("b.toml: not valid TOML" in p for p in found)
     assert any("c.json: not valid JSON" in p for p in found)
     assert any("d.json: expected a table at the top level" in p for p in found)
@@ -177,16 +179,23 @@ def test_missing_type_and_syntax_errors(tmp_path: Path) -> None:
 
 def test_missing_environment_variable_is_named(tmp_path: Path) -> None:
     write(tmp_path, "bot.toml", GOOD)
-    assert problems(tmp_path) == [f"{tmp_path / 'bot.toml'}: settings.client_secret: "
-                                  "environment variable APP_SECRET is not set"]
+    assert problems(tmp_path) == [
+        f"{tmp_path / 'bot.toml'}: settings.client_secret: "
+        "environment variable APP_SECRET is not set"
+    ]
 
 
 def test_disabled_instance_needs_no_environment_but_is_schema_checked(tmp_path: Path) -> None:
     write(tmp_path, "off.toml", GOOD.replace('type = "app"', 'type = "app"\nenabled = false'))
     [config] = load_instances(tmp_path, REGISTRY, env={})
     assert not config.enabled and config.settings is None
-    write(tmp_path, "off.toml", GOOD.replace("port = 8080", "port = 'x'").replace(
-        'type = "app"', 'type = "app"\nenabled = false'))
+    write(
+        tmp_path,
+        "off.toml",
+        GOOD.replace("port = 8080", "port = 'x'").replace(
+            'type = "app"', 'type = "app"\nenabled = false'
+        ),
+    )
     assert any("settings.port: expected an integer" in p for p in problems(tmp_path))
 
 
@@ -227,7 +236,11 @@ def test_malformed_reference(tmp_path: Path) -> None:
 
 def test_duplicate_names_and_exclusive_apps(tmp_path: Path) -> None:
     write(tmp_path, "bot.toml", GOOD)
-    write(tmp_path, "bot.json", json.dumps({"type": "app", "settings": {"client_id": "id-1", "client_secret": "s"}}))
+    write(
+        tmp_path,
+        "bot.json",
+        json.dumps({"type": "app", "settings": {"client_id": "id-1", "client_secret": "s"}}),
+    )
     write(tmp_path, "copy.toml", GOOD)
     found = problems(tmp_path, {"APP_SECRET": "s"})
     assert any("duplicate instance name 'bot'" in p for p in found)
@@ -243,7 +256,9 @@ def test_secret_values_never_appear_in_errors(tmp_path: Path) -> None:
 
 def test_invalid_instance_names(tmp_path: Path) -> None:
     write(tmp_path, "-bad name.toml", GOOD)
-    assert any("instance name '-bad name' must be" in p for p in problems(tmp_path, {"APP_SECRET": "s"}))
+    assert any(
+        "instance name '-bad name' must be" in p for p in problems(tmp_path, {"APP_SECRET": "s"})
+    )
 
 
 def test_missing_folder(tmp_path: Path) -> None:

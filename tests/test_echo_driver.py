@@ -179,7 +179,7 @@ async def sse(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]
 async def eventually(condition: Callable[[], bool]) -> None:
     """Until ``condition()`` holds: for captured output and logs, which signal nothing."""
     async with asyncio.timeout(TIMEOUT):
-        while not condition():  # noqa: ASYNC110
+        while not condition():
             await asyncio.sleep(0.01)
 
 

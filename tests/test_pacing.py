@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
-from gateway_testkit.channels import RecordingChannel
 
 from gateway.driver import Capabilities
 from gateway.logs import instance_logger
 from gateway.pacing import PacingPolicy, ReplyStream
+from gateway_testkit.channels import RecordingChannel
 
 EDITS = Capabilities(edits=True, feedback=True)
 
@@ -54,7 +55,7 @@ async def test_single_flight_and_latest_wins_on_a_slow_platform() -> None:
     updates = [e[2] for e in channel.calls("update")]
     assert len(updates) < 50  # ~0.2 s of pushes over 0.05 s calls: far fewer than 200
     # Every update shows a newer text than the one before (nothing stale sent after fresh).
-    assert all(len(a) < len(b) for a, b in zip(updates, updates[1:], strict=False))
+    assert all(len(a) < len(b) for a, b in itertools.pairwise(updates))
     assert channel.log[-1] == (0, "finish", text, True)
 
 
@@ -62,12 +63,12 @@ async def test_updates_are_spaced_by_the_interval() -> None:
     channel = RecordingChannel()
     stream = make(channel, interval=0.05)
     text = ""
-    for i in range(40):
+    for _ in range(40):
         text += "x"
         stream.push(text)
         await asyncio.sleep(0.005)
     await stream.finish(text)
-    gaps = [b - a for a, b in zip(channel.times, channel.times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(channel.times)]
     assert gaps and min(gaps) >= 0.049
 
 

@@ -7,8 +7,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from gateway_testkit.agents import ScriptedAgent
-from gateway_testkit.memory import MemoryDriver
 
 from gateway.agents.echo import EchoAgent
 from gateway.config import InstanceConfig, ProcessSettings, load_instance
@@ -17,6 +15,8 @@ from gateway.models import FeedbackEvent, Outcome
 from gateway.plugins import PluginRegistry
 from gateway.runtime import Gateway, InstanceRuntime
 from gateway.supervisor import InstanceState
+from gateway_testkit.agents import ScriptedAgent
+from gateway_testkit.memory import MemoryDriver
 
 REGISTRY = PluginRegistry.from_classes(
     drivers={"memory": MemoryDriver}, agents={"scripted": ScriptedAgent, "echo": EchoAgent}

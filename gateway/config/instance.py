@@ -44,7 +44,7 @@ __all__ = [
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SUFFIXES = (".toml", ".json")
-_ge0 = attrs.validators.ge(0)
+_ge0: Any = attrs.validators.ge(0)  # shared by int and float fields
 
 
 @attrs.frozen
@@ -231,6 +231,7 @@ def load_instance(
     if found:
         raise fail()
     assert driver_class is not None and agent_class is not None
+    assert reply is not None and conversation is not None and reconnect is not None
     return InstanceConfig(
         name=path.stem,
         path=path,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+
 from gateway_testkit.harness import EchoHarness, PlatformHarness
 
 HARNESSES: dict[str, Callable[[], PlatformHarness]] = {

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gateway_testkit.harness import PlatformHarness
 
 from gateway.config import InstanceConfig, ProcessSettings, load_instance
 from gateway.models import Incoming
 from gateway.plugins import PluginRegistry
 from gateway.runtime import Gateway, InstanceRuntime
 from gateway.supervisor import InstanceState
+from gateway_testkit.harness import PlatformHarness
 
 REGISTRY = PluginRegistry.discover()
 Start = Callable[..., Awaitable[InstanceRuntime]]

@@ -6,10 +6,10 @@ import asyncio
 import itertools
 
 import attrs
-from gateway_testkit.channels import RecordingChannel
 
 from gateway.driver import Capabilities, Driver, ReplyChannel
 from gateway.models import Incoming
+from gateway_testkit.channels import RecordingChannel
 
 
 @attrs.frozen
