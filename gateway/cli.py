@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gateway.config import InstanceConfig, ProcessSettings, load_instances, load_process_settings
+from gateway.config.instance import _NAME as INSTANCE_NAME
 from gateway.errors import ConfigError, ConfigProblem, PluginError
 from gateway.logs import setup_logging
 from gateway.plugins import AGENTS, DRIVERS, PluginRegistry
@@ -44,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PluginError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except Exception:
+        log.exception("gateway failed")
+        return EXIT_FAILURE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -154,9 +158,21 @@ def _new(args: argparse.Namespace) -> int:
     registry = PluginRegistry.discover()
     driver_class = registry.driver(args.type)
     agent_class = registry.agent(args.agent)
+    # The same rule as `check` and `run`: a name they reject (or a path like "../x") is refused here.
+    if not INSTANCE_NAME.match(args.name):
+        print(
+            f"gateway: instance name {args.name!r} must be letters, digits, '_', '.' or '-'",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     path = args.instances / f"{args.name}.toml"
     if path.exists() and not args.force:
         print(f"gateway: {path} exists (use --force to overwrite)", file=sys.stderr)
+        return EXIT_CONFIG
+    other = path.with_suffix(".json")
+    if other.exists():
+        # Two files for one instance name: `check` and `run` would reject the folder.
+        print(f"gateway: {other} already defines instance {args.name!r}", file=sys.stderr)
         return EXIT_CONFIG
     text = render_instance(
         name=args.name,
@@ -176,7 +192,7 @@ def _run(args: argparse.Namespace) -> int:
     _setup_logging(args, process)
     _warn_broken_plugins(registry)
     if not any(c.enabled for c in configs):
-        log.warning("no enabled instance in %s; waiting for a reload or a signal", args.instances)
+        log.warning("no enabled instance in %s; waiting for a signal", args.instances)
     return asyncio.run(_serve(process, configs))
 
 

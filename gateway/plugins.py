@@ -8,6 +8,7 @@ swallowing it).
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Mapping
 from typing import Any
 
@@ -136,16 +137,28 @@ def _load_group(group: str) -> dict[str, Plugin]:
 def _plugin(
     group: str, entry_point: Any, *, cls: type[Any] | None = None, error: str = ""
 ) -> Plugin:
-    dist = getattr(entry_point, "dist", None)
+    distribution, version = _distribution(group, entry_point.name, entry_point.value)
     return Plugin(
         group=group,
         name=entry_point.name,
         target=entry_point.value,
-        distribution=getattr(dist, "name", "") or "?",
-        version=getattr(dist, "version", "") or "?",
+        distribution=distribution,
+        version=version,
         cls=cls,
         error=error,
     )
+
+
+def _distribution(group: str, name: str, target: str) -> tuple[str, str]:
+    """The distribution declaring this entry point, and its version.
+
+    stevedore's entry-point cache drops the distribution, so it is looked up in the package metadata.
+    """
+    for entry_point in importlib.metadata.entry_points(group=group, name=name):
+        dist = entry_point.dist
+        if entry_point.value == target and dist is not None:
+            return dist.name, dist.version
+    return "?", "?"
 
 
 def _describe(exc: BaseException) -> str:

@@ -280,3 +280,10 @@ def test_process_settings(tmp_path: Path) -> None:
     assert "shutdown_grace: expected a number" in text
     assert "log.level: expected one of" in text
     assert "log.http: unknown key" in text
+
+
+def test_an_unset_variable_in_a_typed_field_is_one_problem(tmp_path: Path) -> None:
+    write(tmp_path, "bot.toml", GOOD.replace("port = 8080", 'port = "${PORT}"'))
+    assert problems(tmp_path, {"APP_SECRET": "s"}) == [
+        f"{tmp_path / 'bot.toml'}: settings.port: environment variable PORT is not set"
+    ]

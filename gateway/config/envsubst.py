@@ -84,10 +84,11 @@ def substitute(
 
     result = _REFERENCE.sub(record, value)
     if missing:
-        if allow_missing:
-            return Unresolved(missing[0])
-        for name in missing:
-            problems.append((path, f"environment variable {name} is not set"))
+        if not allow_missing:
+            for name in missing:
+                problems.append((path, f"environment variable {name} is not set"))
+        # Either way the value is unknown: the schema check must not report it a second time.
+        return Unresolved(missing[0])
     return Substituted(result, tuple(used)) if used else result
 
 

@@ -78,7 +78,7 @@ class ReplySettings:
 class ConversationSettings:
     session_key: Literal["sender", "conversation", "sender_in_conversation"] = attrs.field(
         default="sender",
-        metadata={"help": "what one conversation history and one turn at a time are keyed on"},
+        metadata={"help": "what \"one turn at a time\" is keyed on: the sender, the conversation, or both"},
     )
     concurrency: int = attrs.field(
         default=16,
@@ -130,7 +130,8 @@ class InstanceConfig:
     reply: ReplySettings
     conversation: ConversationSettings
     reconnect: ReconnectSettings
-    #: Changes whenever the file's meaning changes (after substitution); live reload compares it.
+    #: Changes whenever the file's meaning changes (after substitution), so a reload can tell which
+    #: instances changed.
     fingerprint: str = attrs.field(repr=False)
 
 
