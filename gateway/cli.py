@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gateway.config import InstanceConfig, ProcessSettings, load_instances, load_process_settings
-from gateway.config.instance import _NAME as INSTANCE_NAME
+from gateway.config.instance import INSTANCE_NAME
 from gateway.errors import ConfigError, ConfigProblem, PluginError
 from gateway.logs import setup_logging
 from gateway.plugins import AGENTS, DRIVERS, PluginRegistry
@@ -51,9 +51,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gateway", description="Connect IM robots to AI agents.")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--log-format", choices=["text", "json"])
+    # The logging options are accepted before and after the command (`gateway run --log-level debug`);
+    # SUPPRESS keeps a subcommand's absent option from overwriting one given before it.
+    logging_options = argparse.ArgumentParser(add_help=False)
+    logging_options.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], default=argparse.SUPPRESS
+    )
+    logging_options.add_argument(
+        "--log-format", choices=["text", "json"], default=argparse.SUPPRESS
+    )
+    parser = argparse.ArgumentParser(
+        prog="gateway", description="Connect IM robots to AI agents.", parents=[logging_options]
+    )
     sub = parser.add_subparsers(dest="command")
 
     def add_paths(p: argparse.ArgumentParser) -> None:
@@ -62,18 +71,26 @@ def _parser() -> argparse.ArgumentParser:
             "--config", type=Path, default=None, help="process settings (default ./gateway.toml)"
         )
 
-    run = sub.add_parser("run", help="run every enabled instance until stopped")
+    run = sub.add_parser(
+        "run", parents=[logging_options], help="run every enabled instance until stopped"
+    )
     add_paths(run)
     run.set_defaults(handler=_run)
 
-    check = sub.add_parser("check", help="validate every config file; connect nothing")
+    check = sub.add_parser(
+        "check", parents=[logging_options], help="validate every config file; connect nothing"
+    )
     add_paths(check)
     check.set_defaults(handler=_check)
 
-    plugins = sub.add_parser("plugins", help="list the drivers and agents found")
+    plugins = sub.add_parser(
+        "plugins", parents=[logging_options], help="list the drivers and agents found"
+    )
     plugins.set_defaults(handler=_plugins)
 
-    new = sub.add_parser("new", help="write a commented instance file for a driver type")
+    new = sub.add_parser(
+        "new", parents=[logging_options], help="write a commented instance file for a driver type"
+    )
     new.add_argument("type", help="driver type (see `gateway plugins`)")
     new.add_argument("name", help="instance name (the file name without extension)")
     new.add_argument("--agent", default="echo", help="agent type (default: echo)")
@@ -89,8 +106,8 @@ def _process_settings(args: argparse.Namespace) -> ProcessSettings:
 
 
 def _setup_logging(args: argparse.Namespace, process: ProcessSettings | None = None) -> None:
-    level = args.log_level or (process.log.level if process else "info")
-    fmt = args.log_format or (process.log.format if process else "text")
+    level = getattr(args, "log_level", None) or (process.log.level if process else "info")
+    fmt = getattr(args, "log_format", None) or (process.log.format if process else "text")
     setup_logging(level, fmt)
 
 
@@ -159,7 +176,7 @@ def _new(args: argparse.Namespace) -> int:
     driver_class = registry.driver(args.type)
     agent_class = registry.agent(args.agent)
     # The same rule as `check` and `run`: a name they reject (or a path like "../x") is refused here.
-    if not INSTANCE_NAME.match(args.name):
+    if not INSTANCE_NAME.fullmatch(args.name):
         print(
             f"gateway: instance name {args.name!r} must be letters, digits, '_', '.' or '-'",
             file=sys.stderr,

@@ -91,7 +91,7 @@ class PluginRegistry:
         found = self._plugins.get(group, {})
         plugin = found.get(name)
         if plugin is None:
-            available = ", ".join(sorted(found)) or "none installed"
+            available = ", ".join(sorted(n for n, p in found.items() if p.cls)) or "none installed"
             raise PluginError(
                 f"unknown {kind} type {name!r} (available: {available})", group=group, name=name
             )

@@ -268,6 +268,11 @@ class InstanceRuntime:
             await stream.fail(text, str(exc))
         except asyncio.CancelledError:
             outcome = Outcome.INTERRUPTED
+            self.logger.info(
+                "answer to message %s interrupted",
+                message.message_id,
+                extra={**extra, "event": "interrupted"},
+            )
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(_FINALISE_TIMEOUT):
                     await stream.fail(text, _INTERRUPTED)

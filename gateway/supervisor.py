@@ -136,7 +136,7 @@ class Supervisor:
             if str(exc) != self._reported_error:
                 self._reported_error = str(exc)
                 self._log.error(
-                    "%s (retrying every %.0f s at most until fixed)",
+                    "%s (retrying every %g s at most until fixed)",
                     exc,
                     self._settings.max_delay,
                     extra={"event": "auth_failed"},

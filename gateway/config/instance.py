@@ -34,6 +34,7 @@ from gateway.errors import ConfigError, ConfigProblem, PluginError
 from gateway.plugins import PluginRegistry
 
 __all__ = [
+    "INSTANCE_NAME",
     "ConversationSettings",
     "InstanceConfig",
     "ReconnectSettings",
@@ -42,7 +43,8 @@ __all__ = [
     "load_instances",
 ]
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: What an instance name (its file name without extension) may be.
+INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _SUFFIXES = (".toml", ".json")
 _ge0: Any = attrs.validators.ge(0)  # shared by int and float fields
 
@@ -78,7 +80,9 @@ class ReplySettings:
 class ConversationSettings:
     session_key: Literal["sender", "conversation", "sender_in_conversation"] = attrs.field(
         default="sender",
-        metadata={"help": "what \"one turn at a time\" is keyed on: the sender, the conversation, or both"},
+        metadata={
+            "help": 'what "one turn at a time" is keyed on: the sender, the conversation, or both'
+        },
     )
     concurrency: int = attrs.field(
         default=16,
@@ -176,7 +180,7 @@ def load_instance(
     def fail() -> ConfigError:
         return ConfigError([ConfigProblem(file, key, message) for key, message in found])
 
-    if not _NAME.match(path.stem):
+    if not INSTANCE_NAME.fullmatch(path.stem):
         found.append(("", f"instance name {path.stem!r} must be letters, digits, '_', '.' or '-'"))
     data = _parse(path, found)
     if data is None:

@@ -47,7 +47,9 @@ class ProcessSettings:
     max_attempts: int = attrs.field(
         default=3,
         validator=attrs.validators.ge(1),
-        metadata={"help": "attempts at answering one message (the first, then one per restart after a crash) before it is given up"},
+        metadata={
+            "help": "attempts at answering one message (the first, then one per restart after a crash) before it is given up"
+        },
     )
     log: LogSettings = attrs.field(factory=LogSettings)
 

@@ -195,7 +195,7 @@ def describe_type(tp: Any) -> str:
     if origin is typing.Literal:
         return f"one of {_choices(typing.get_args(tp))}"
     if origin in (list, tuple):
-        return f"a list of {describe_type(typing.get_args(tp)[0])}s"
+        return f"a list, each {describe_type(typing.get_args(tp)[0])}"
     if isinstance(tp, type) and attrs.has(tp):
         return "a table"
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
