@@ -1,0 +1,174 @@
+"""DingTalk's OpenAPI over aiohttp: access tokens, errors mapped to the core's tree, quota and retries.
+
+Every call is async with a timeout, takes a token from the app's shared bucket (all instances and
+conversations of one app draw from it: DingTalk's quota is per app), and is retried by the core's
+``call_with_retry`` on what is transient: 403 ``...QpsLimit...`` and 429 (the whole app pauses a
+second), 5xx, network errors, and an expired token (DingTalk answers it with 400
+``InvalidAuthentication``, not 401 — the official SDK misses this and keeps failing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from gateway.errors import AuthenticationError, DriverError, RateLimited, RetryableError
+from gateway.ratelimit import TokenBucket, call_with_retry
+from gateway_dingtalk.settings import DingTalkSettings
+
+__all__ = ["OpenApi", "OpenApiError"]
+
+# Refresh this long before DingTalk's expiry, so a token never expires mid-call.
+_TOKEN_MARGIN = 300.0
+
+
+class OpenApiError(DriverError):
+    """DingTalk refused a call for a reason retrying cannot fix (bad parameter, missing permission)."""
+
+    def __init__(self, path: str, status: int, code: str, message: str) -> None:
+        super().__init__(f"DingTalk {path} failed: HTTP {status} {code}: {message}")
+        self.path = path
+        self.status = status
+        self.code = code
+
+
+class _TokenRejected(RetryableError):
+    """The token was not accepted: fetch a new one and try again."""
+
+
+class OpenApi:
+    """One app's OpenAPI client.  Owns no session: the driver passes the one it keeps."""
+
+    def __init__(
+        self,
+        settings: DingTalkSettings,
+        session: Callable[[], aiohttp.ClientSession],
+        bucket: TokenBucket,
+        logger: logging.LoggerAdapter[logging.Logger],
+    ) -> None:
+        self._settings = settings
+        self._session = session
+        self._bucket = bucket
+        self._log = logger
+        self._token = ""
+        self._token_expires = 0.0
+        self._token_lock = asyncio.Lock()
+        #: outcome -> count, for metrics ("ok", "retried", "rate_limited", "failed")
+        self.outcomes: dict[str, int] = {}
+
+    @property
+    def base(self) -> str:
+        return self._settings.endpoint.rstrip("/")
+
+    async def call(self, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """An authenticated OpenAPI call, retried when transient; returns the JSON body."""
+
+        async def once() -> dict[str, Any]:
+            token = await self.token()
+            headers = {"x-acs-dingtalk-access-token": token}
+            return await self._request(method, self.base + path, body, headers, token=token)
+
+        return await self._retrying(once)
+
+    async def post_webhook(self, url: str, body: dict[str, Any]) -> None:
+        """A message through a session webhook (no token; errors come as ``errcode`` with HTTP 200)."""
+
+        async def once() -> dict[str, Any]:
+            data = await self._request("POST", url, body, {})
+            errcode = data.get("errcode", 0)
+            if errcode in (410100, 660026):  # "sent too fast", "too many per minute"
+                raise RateLimited(
+                    f"session webhook throttled: {data.get('errmsg')}", retry_after=3.0
+                )
+            if errcode:
+                raise OpenApiError("sessionWebhook", 200, str(errcode), str(data.get("errmsg", "")))
+            return data
+
+        await self._retrying(once)
+
+    async def token(self) -> str:
+        if self._token and time.monotonic() < self._token_expires:
+            return self._token
+        async with self._token_lock:  # one fetch for all the callers that found it expired
+            if self._token and time.monotonic() < self._token_expires:
+                return self._token
+            body = {
+                "appKey": self._settings.client_id,
+                "appSecret": self._settings.client_secret.reveal(),
+            }
+            try:
+                data = await self._request("POST", self.base + "/v1.0/oauth2/accessToken", body, {})
+            except OpenApiError as exc:
+                if exc.status in (400, 401, 403):
+                    raise AuthenticationError(
+                        f"DingTalk rejected the client id/secret of app {self._settings.client_id} "
+                        f"({exc.code})"
+                    ) from None
+                raise
+            self._token = str(data["accessToken"])
+            lifetime = float(data.get("expireIn", 7200))
+            self._token_expires = time.monotonic() + max(lifetime - _TOKEN_MARGIN, lifetime / 2)
+            return self._token
+
+    def _invalidate(self, token: str) -> None:
+        if self._token == token:
+            self._token = ""
+
+    async def _retrying(self, once: Callable[[], Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await call_with_retry(
+            once, bucket=self._bucket, on_outcome=self._count, attempts=5, initial=0.5, cap=8.0
+        )
+        return result
+
+    def _count(self, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    async def _request(
+        self, method: str, url: str, body: dict[str, Any], headers: dict[str, str], token: str = ""
+    ) -> dict[str, Any]:
+        path = url.split("?", 1)[0].removeprefix(self.base)
+        timeout = aiohttp.ClientTimeout(total=self._settings.request_timeout)
+        try:
+            async with self._session().request(
+                method,
+                url,
+                json=body,
+                headers={**headers, "Accept": "application/json"},
+                timeout=timeout,
+            ) as response:
+                status = response.status
+                try:
+                    data = await response.json(content_type=None)
+                except ValueError:
+                    data = None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise RetryableError(
+                f"DingTalk {path} unreachable: {type(exc).__name__}: {exc}"
+            ) from exc
+        if not isinstance(data, dict):
+            # The per-IP ban answers with an HTML page; anything else that is not JSON is transient.
+            raise RetryableError(f"DingTalk {path}: HTTP {status} with a non-JSON body")
+        if status == 200:
+            return data
+        code = str(data.get("code", ""))
+        message = str(data.get("message", ""))
+        if (status == 400 and code == "InvalidAuthentication") or status == 401:
+            if token:
+                self._invalidate(token)
+                raise _TokenRejected(f"DingTalk {path}: token rejected ({code or status})")
+        if (status == 403 and "Limit" in code) or status == 429:
+            raise RateLimited(f"DingTalk {path}: {code or status}", retry_after=1.0)
+        if status >= 500:
+            raise RetryableError(f"DingTalk {path}: HTTP {status} {code}")
+        raise OpenApiError(path, status, code, message)
+
+
+def new_guid() -> str:
+    """An idempotency key for one logical call (kept across its retries)."""
+    return uuid.uuid4().hex
