@@ -237,6 +237,10 @@ class InstanceRuntime:
                 )
                 outcome = Outcome.FAILED
                 await stream.fail("", _GAVE_UP)
+            elif not message.text.strip() and not message.attachments:
+                # A bare mention or a message type the platform gave us nothing of: no agent call.
+                await self._access.check(message)
+                await stream.finish(self.config.conversation.empty_reply)
             else:
                 await self._access.check(message)
                 request = AgentRequest.for_message(message, session_key=session_key)

@@ -144,6 +144,15 @@ async def test_agent_failures_become_readable_replies(gateway, configure, then, 
     await driver.wait_done("f2")
 
 
+async def test_an_empty_message_gets_a_prompt_without_calling_the_agent(gateway, configure) -> None:
+    config = configure(agent='type = "scripted"\nthen = "crash"')
+    runtime, driver = start(gateway, config)
+    await connected(runtime)
+    await driver.inject("   ", message_id="bare")
+    channel = await driver.wait_done("bare")
+    assert channel.log[-1] == (0, "finish", "Please write your question after mentioning me.", True)
+
+
 async def test_an_empty_answer_is_not_left_thinking(gateway, configure) -> None:
     runtime, driver = start(gateway, configure(agent='type = "scripted"\nchunks = []'))
     await connected(runtime)

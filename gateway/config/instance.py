@@ -99,6 +99,10 @@ class ConversationSettings:
         validator=attrs.validators.gt(0),
         metadata={"help": "seconds an agent may stay silent between two chunks"},
     )
+    empty_reply: str = attrs.field(
+        default="Please write your question after mentioning me.",
+        metadata={"help": "the answer to a message with no text and no attachment (a bare @)"},
+    )
 
 
 @attrs.frozen
