@@ -66,7 +66,8 @@ def _table(instance: str, cls: type[Any], prefix: str = "") -> list[str]:
         lines.append(f"# {help_text} ({expected})" if help_text else f"# {expected}")
         secret = field.type is Secret or "Secret" in str(field.type)
         default = _default(field)
-        if secret or default is attrs.NOTHING:
+        # Metadata "ask": optional to the schema but needed in practice (e.g. a template id).
+        if secret or default is attrs.NOTHING or field.metadata.get("ask"):
             variable = env_name(instance, f"{prefix}_{key}" if prefix else key)
             lines.append(f'{key} = "${{{variable}}}"')
         elif default is None:

@@ -48,7 +48,10 @@ class DingTalkSettings:
     )
     card_template_id: str = attrs.field(
         default="",
-        metadata={"help": "AI card template id (ai_card mode), from DingTalk's card builder"},
+        metadata={
+            "help": "AI card template id (ai_card mode), from DingTalk's card builder",
+            "ask": True,
+        },
     )
     card_content_key: str = attrs.field(
         default="content", metadata={"help": "template variable of the streamed markdown text"}
