@@ -133,24 +133,7 @@ class OpenApi:
         self, method: str, url: str, body: dict[str, Any], headers: dict[str, str], token: str = ""
     ) -> dict[str, Any]:
         path = url.split("?", 1)[0].removeprefix(self.base)
-        timeout = aiohttp.ClientTimeout(total=self._settings.request_timeout)
-        try:
-            async with self._session().request(
-                method,
-                url,
-                json=body,
-                headers={**headers, "Accept": "application/json"},
-                timeout=timeout,
-            ) as response:
-                status = response.status
-                try:
-                    data = await response.json(content_type=None)
-                except ValueError:
-                    data = None
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise RetryableError(
-                f"DingTalk {path} unreachable: {type(exc).__name__}: {exc}"
-            ) from exc
+        status, data = await self.exchange(method, url, body, headers)
         if not isinstance(data, dict):
             # The per-IP ban answers with an HTML page; anything else that is not JSON is transient.
             raise RetryableError(f"DingTalk {path}: HTTP {status} with a non-JSON body")
@@ -167,6 +150,30 @@ class OpenApi:
         if status >= 500:
             raise RetryableError(f"DingTalk {path}: HTTP {status} {code}")
         raise OpenApiError(path, status, code, message)
+
+    async def exchange(
+        self, method: str, url: str, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
+        """One JSON request: (HTTP status, parsed body or None).  Network failures and timeouts
+        become RetryableError; everything else is the caller's to judge."""
+        path = url.split("?", 1)[0].removeprefix(self.base)
+        timeout = aiohttp.ClientTimeout(total=self._settings.request_timeout)
+        try:
+            async with self._session().request(
+                method,
+                url,
+                json=body,
+                headers={**(headers or {}), "Accept": "application/json"},
+                timeout=timeout,
+            ) as response:
+                try:
+                    return response.status, await response.json(content_type=None)
+                except ValueError:
+                    return response.status, None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise RetryableError(
+                f"DingTalk {path} unreachable: {type(exc).__name__}: {exc}"
+            ) from exc
 
 
 def new_guid() -> str:

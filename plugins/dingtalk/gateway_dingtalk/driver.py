@@ -145,20 +145,7 @@ class DingTalkDriver(Driver):
             "localIp": "",
         }
         url = self.settings.endpoint.rstrip("/") + _OPEN_PATH
-        try:
-            async with self._session().post(
-                url,
-                json=body,
-                headers={"Accept": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout),
-            ) as response:
-                status = response.status
-                try:
-                    data = await response.json(content_type=None)
-                except ValueError:
-                    data = None
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise RetryableError(f"cannot reach {url}: {type(exc).__name__}: {exc}") from exc
+        status, data = await self.api.exchange("POST", url, body)
         if status in (401, 403):
             code = data.get("code", status) if isinstance(data, dict) else status
             raise AuthenticationError(
