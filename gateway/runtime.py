@@ -25,6 +25,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import attrs
+
 from gateway.access import AccessPolicy, AllowAll
 from gateway.agent import Agent, AgentRequest, stream_answer
 from gateway.config.instance import InstanceConfig
@@ -107,9 +109,13 @@ class InstanceRuntime:
         return True
 
     async def feedback(self, event: FeedbackEvent) -> None:
-        entry = (
-            await self._inbox.entry(event.instance, event.message_id) if event.message_id else None
-        )
+        # Platforms report a click on a reply; some name the message, some only the reply.
+        if event.message_id:
+            entry = await self._inbox.entry(event.instance, event.message_id)
+        else:
+            entry = await self._inbox.entry_for_reply(event.instance, event.reply_id)
+        if entry is not None and not event.message_id:
+            event = attrs.evolve(event, message_id=entry.message.message_id)
         await self._feedback.record(
             event,
             question=entry.message.text if entry else "",

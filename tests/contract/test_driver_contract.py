@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 
 from gateway.config import InstanceConfig, ProcessSettings, load_instance
-from gateway.models import Incoming
 from gateway.plugins import PluginRegistry
 from gateway.runtime import Gateway, InstanceRuntime
 from gateway.supervisor import InstanceState
@@ -139,14 +138,7 @@ async def test_a_message_stored_before_a_crash_is_answered_on_start(
 ) -> None:
     # What a crash leaves behind: an ACKed message in the inbox with no reply yet.  The driver must
     # be able to reply to it from the stored message alone.
-    message = Incoming.create(
-        instance="bot",
-        message_id="from-before",
-        conversation_id="c1",
-        sender_id="u1",
-        text="resumed",
-    )
-    assert await gateway.inbox.add(message)
+    assert await gateway.inbox.add(harness.leftover("from-before", "resumed"))
     await start()
     view = await harness.wait_reply("from-before")
     assert (view.state, view.text) == ("final", "resumed")

@@ -19,6 +19,8 @@ from typing import Any
 import aiohttp
 import attrs
 
+from gateway.models import Incoming
+
 __all__ = ["EchoHarness", "PlatformHarness", "ReplyView", "free_port"]
 
 
@@ -49,6 +51,8 @@ class PlatformHarness(abc.ABC):
     driver_type: str
     #: the part size the harness configures, so the suite can test splitting
     max_text_length: int
+    #: the instance name the suite gives the driver
+    instance: str = "bot"
 
     async def start(self) -> None:
         """Start the platform side (an emulator); called before the gateway starts."""
@@ -78,6 +82,19 @@ class PlatformHarness(abc.ABC):
     @abc.abstractmethod
     async def click_feedback(self, message_id: str, user: str, rating: str) -> None:
         """A user clicks a feedback button on the final reply."""
+
+    @abc.abstractmethod
+    def leftover(self, message_id: str, text: str) -> Incoming:
+        """A message as the driver would have stored it before a crash (for the resume test)."""
+
+    def reply_id(self, message_id: str) -> str:
+        return Incoming.create(
+            instance=self.instance,
+            message_id=message_id,
+            conversation_id="-",
+            sender_id="-",
+            text="",
+        ).reply_id
 
     async def wait_reply(self, message_id: str, timeout: float = 10.0) -> ReplyView:
         """Poll until the reply has ended (final or failed)."""
@@ -168,6 +185,17 @@ class EchoHarness(PlatformHarness):
         error = next((e["error"] for e in events if e["event"] == "error"), "")
         parts = max((e.get("index", 0) for e in events), default=0) + 1
         return ReplyView(state, data["text"], parts, names.count("update"), error)
+
+    def leftover(self, message_id: str, text: str) -> Incoming:
+        body = {"text": text, "id": message_id}
+        return Incoming.create(
+            instance=self.instance,
+            message_id=message_id,
+            conversation_id="c1",
+            sender_id="u1",
+            text=text,
+            raw=body,
+        )
 
     async def click_feedback(self, message_id: str, user: str, rating: str) -> None:
         body = {"message_id": message_id, "user": user, "rating": rating}
