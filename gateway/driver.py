@@ -107,7 +107,8 @@ class DriverContext(Protocol):
         """Record ``message`` durably and schedule its answer.
 
         Returns True for a new message and False for a duplicate (already answered or in progress);
-        either way the driver ACKs it afterwards.  Raises :class:`~gateway.errors.ShuttingDown` while
+        either way the driver ACKs it afterwards.  Cancelling the caller does not undo it: a
+        message that reached the inbox is answered.  Raises :class:`~gateway.errors.ShuttingDown` while
         the gateway stops: then the driver must not ACK, so the platform delivers it again elsewhere.
         """
         ...
@@ -164,6 +165,12 @@ class Driver(abc.ABC):
     def open_reply(self, message: Incoming) -> ReplyChannel:
         """The reply channel for ``message``, also for a message resumed after a restart (so it must
         work from the message alone, including ``message.raw``).  Must not do I/O itself."""
+
+    async def prepare(self, message: Incoming) -> Incoming:
+        """Make ``message`` ready for the agent, after it was acknowledged (never before: the ACK
+        must not wait), e.g. turn attachment download codes into URLs.  The default returns it
+        unchanged; an exception is logged and the message goes on as it was."""
+        return message
 
     async def close(self) -> None:
         """Stop serving and release connections; ``serve`` must end soon after.  Returns within a

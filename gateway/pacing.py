@@ -160,9 +160,7 @@ class ReplyStream:
         visible = self._carry + text[self._base :]
         while self._limit and len(visible) > self._limit:
             part, carry = cut(text[self._base :], self._limit, prefix=self._carry)
-            await self._call(
-                "finish", self._channel.finish, part.text, last=False, feedback=False
-            )
+            await self._call("finish", self._channel.finish, part.text, last=False, feedback=False)
             self._base += len(part.body)
             self._carry = carry
             self._part += 1

@@ -98,6 +98,14 @@ class InstanceRuntime:
             )
         if not self._accepting:
             raise ShuttingDown(f"instance {self.instance} is stopping")
+        # Shielded: once the inbox has the message it must also be scheduled, even if the driver's
+        # task is cancelled meanwhile (its connection ended); otherwise the message would sit in
+        # the inbox unanswered, and its redelivery would be taken for a duplicate.
+        storing = asyncio.ensure_future(self._store(message))
+        storing.add_done_callback(_outcome_seen)  # a failure is logged by whoever awaits it, if any
+        return await asyncio.shield(storing)
+
+    async def _store(self, message: Incoming) -> bool:
         if not await self._inbox.add(message):
             self.logger.info(
                 "duplicate message %s ignored",
@@ -228,6 +236,19 @@ class InstanceRuntime:
 
         self._scheduler.submit(key, turn)
 
+    async def _prepare(self, message: Incoming) -> Incoming:
+        try:
+            return await self.driver.prepare(message)
+        except Exception as exc:
+            self.logger.warning(
+                "preparing message %s failed (%s: %s); answering it as received",
+                message.message_id,
+                type(exc).__name__,
+                exc,
+                extra={"message_id": message.message_id},
+            )
+            return message
+
     async def _answer(self, message: Incoming, stream: ReplyStream, session_key: str) -> None:
         extra = {"message_id": message.message_id, "conversation": message.conversation_id}
         text = ""
@@ -249,6 +270,7 @@ class InstanceRuntime:
                 await stream.finish(self.config.conversation.empty_reply)
             else:
                 await self._access.check(message)
+                message = await self._prepare(message)
                 request = AgentRequest.for_message(message, session_key=session_key)
                 conv = self.config.conversation
                 async for chunk in stream_answer(
@@ -258,6 +280,9 @@ class InstanceRuntime:
                     stream.push(text)
                 if text.strip():
                     await stream.finish(text)
+                elif not message.text.strip():
+                    # Only attachments, and the agent had nothing to say about them.
+                    await stream.finish(self.config.conversation.attachments_reply)
                 else:
                     outcome = Outcome.FAILED
                     await stream.fail(text, _EMPTY)
@@ -300,6 +325,11 @@ class InstanceRuntime:
             outcome.value,
             extra={**extra, "event": "answered"},
         )
+
+
+def _outcome_seen(task: asyncio.Future[bool]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class Gateway:

@@ -238,3 +238,17 @@ async def test_long_answers_are_split_by_the_core(gateway, configure) -> None:
     finished = channel.calls("finish")
     assert len(finished) > 1
     assert "".join(str(e[2]) for e in finished) == text
+
+
+async def test_a_delivery_cancelled_midway_is_still_answered(gateway, configure) -> None:
+    # A driver's frame task is cancelled when its connection drops; if the inbox already has the
+    # message, it must be answered (its redelivery would be taken for a duplicate).
+    runtime, driver = start(gateway, configure())
+    await connected(runtime)
+    delivering = asyncio.create_task(driver.inject("cancel me", message_id="c1"))
+    await asyncio.sleep(0)
+    delivering.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await delivering
+    channel = await driver.wait_done("c1")
+    assert channel.log[-1][1:] == ("finish", "cancel me", True)

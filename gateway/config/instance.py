@@ -103,6 +103,12 @@ class ConversationSettings:
         default="Please write your question after mentioning me.",
         metadata={"help": "the answer to a message with no text and no attachment (a bare @)"},
     )
+    attachments_reply: str = attrs.field(
+        default="Sorry, I can only read text messages for now.",
+        metadata={
+            "help": "the answer when a message had only attachments and the agent said nothing"
+        },
+    )
 
 
 @attrs.frozen
