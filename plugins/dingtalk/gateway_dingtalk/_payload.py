@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from dingtalk_stream import ChatbotMessage
 
 from gateway.models import Attachment, ConversationKind, Incoming, Mention
+from gateway_dingtalk._openapi import OpenApi
 
-__all__ = ["TOPIC_BOT", "incoming_from_dingtalk"]
+__all__ = ["TOPIC_BOT", "incoming_from_dingtalk", "resolve_attachments"]
 
 TOPIC_BOT = ChatbotMessage.TOPIC
 
@@ -75,3 +77,23 @@ def incoming_from_dingtalk(instance: str, data: dict[str, Any], frame_id: str) -
         raw=data,
         received_at=float(created) / 1000 if isinstance(created, int | float) else None,
     )
+
+
+async def resolve_attachments(api: OpenApi, robot_code: str, message: Incoming) -> Incoming:
+    """Replace the download codes of ``message``'s attachments with temporary download URLs
+    (``/v1.0/robot/messageFiles/download``), so an agent can fetch them.  Runs after the ACK."""
+    if not message.attachments:
+        return message
+    resolved = []
+    for attachment in message.attachments:
+        if attachment.url and not attachment.url.startswith(("http://", "https://")):
+            data = await api.call(
+                "POST",
+                "/v1.0/robot/messageFiles/download",
+                {"downloadCode": attachment.url, "robotCode": robot_code},
+            )
+            url = data.get("downloadUrl")
+            if isinstance(url, str) and url:
+                attachment = attrs.evolve(attachment, url=url)
+        resolved.append(attachment)
+    return attrs.evolve(message, attachments=tuple(resolved))

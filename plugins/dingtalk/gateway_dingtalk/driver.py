@@ -40,7 +40,7 @@ from gateway.errors import (
 from gateway.models import FeedbackEvent, Incoming
 from gateway.ratelimit import rate_limits
 from gateway_dingtalk._openapi import OpenApi
-from gateway_dingtalk._payload import TOPIC_BOT, incoming_from_dingtalk
+from gateway_dingtalk._payload import TOPIC_BOT, incoming_from_dingtalk, resolve_attachments
 from gateway_dingtalk._replies import (
     AICardReply,
     CardHealth,
@@ -71,8 +71,9 @@ class DingTalkDriver(Driver):
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._closing = False
         self._frame_tasks: set[asyncio.Task[None]] = set()
-        # Every instance (and restart) of one app shares the app's quota.
-        bucket = rate_limits.bucket(f"dingtalk:{settings.client_id}", settings.rate)
+        # Every instance (and restart) of one app shares the app's quota.  No burst: DingTalk counts
+        # calls per second, and a full bucket plus its refill would allow twice the rate in one.
+        bucket = rate_limits.bucket(f"dingtalk:{settings.client_id}", settings.rate, burst=1)
         self.api = OpenApi(settings, self._session, bucket, self._log)
         self._cards = CardHealth(settings, self._log)
 
@@ -348,6 +349,10 @@ class DingTalkDriver(Driver):
             self._log.info("acknowledgement of frame %s not sent: %s", frame_id, exc)
 
     # -- replies -------------------------------------------------------------------------------
+
+    async def prepare(self, message: Incoming) -> Incoming:
+        # Download codes become URLs only now, after the ACK: the ACK must never wait for them.
+        return await resolve_attachments(self.api, self.settings.robot, message)
 
     def open_reply(self, message: Incoming) -> ReplyChannel:
         mode = self.settings.reply_mode

@@ -21,6 +21,8 @@ class ScriptedAgentSettings:
     then: Literal["", "agent", "crash", "hang"] = ""
     #: answer with the question's text instead of the chunks (handy for ordering tests)
     echo: bool = False
+    #: answer with the URLs of the question's attachments (what the agent was given)
+    attachments: bool = False
 
 
 class ScriptedAgent(Agent):
@@ -30,7 +32,12 @@ class ScriptedAgent(Agent):
     settings: ScriptedAgentSettings
 
     async def stream(self, request: AgentRequest) -> AsyncIterator[str]:
-        chunks = [request.text] if self.settings.echo else self.settings.chunks
+        if self.settings.attachments:
+            chunks = [" ".join(a.url for a in request.attachments)]
+        elif self.settings.echo:
+            chunks = [request.text]
+        else:
+            chunks = self.settings.chunks
         for chunk in chunks:
             if self.settings.delay:
                 await asyncio.sleep(self.settings.delay)

@@ -9,17 +9,52 @@ from gateway_dingtalk._payload import incoming_from_dingtalk
 from gateway_dingtalk.emulator import DEFAULT_APP, DEFAULT_SECRET, DingTalkEmulator
 from gateway_testkit.harness import PlatformHarness, ReplyView
 
-__all__ = ["TEMPLATE", "TEMPLATE_VARIABLES", "DingTalkHarness"]
+__all__ = ["TEMPLATE", "TEMPLATE_VARIABLES", "DingTalkHarness", "dingtalk_settings", "reply_id_for"]
 
 TEMPLATE = "imgateway.test.schema"
 #: the variables the driver's default settings use
 TEMPLATE_VARIABLES = ("content", "feedback", "rating", "label1", "label2", "label3", "label4")
+
+
+def dingtalk_settings(
+    emulator: DingTalkEmulator,
+    *,
+    client_id: str = DEFAULT_APP,
+    client_secret: str = DEFAULT_SECRET,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """A ``[settings]`` table for a ``dingtalk-stream`` instance talking to ``emulator``: the test
+    template, no pacing between card calls, a generous rate; ``overrides`` win."""
+    return {
+        "client_id": client_id,
+        "client_secret": client_secret,
+        "endpoint": emulator.url,
+        "card_template_id": TEMPLATE,
+        "card_update_interval": 0.0,
+        "rate": 1000.0,
+        "frame_timeout": 10.0,
+        **overrides,
+    }
+
+
+def reply_id_for(message_id: str, instance: str = "bot") -> str:
+    """The reply id (the first card's ``outTrackId``) the core derives for ``message_id``."""
+    return Incoming.create(
+        instance=instance, message_id=message_id, conversation_id="-", sender_id="-", text=""
+    ).reply_id
+
+
 _STATES = {
     "processing": "thinking",
     "streaming": "streaming",
     "finished": "final",
     "failed": "failed",
 }
+
+
+def _showed_feedback(card: Any) -> bool:
+    """The card's feedback buttons were switched on (they stay on record after a click)."""
+    return any(update.changes.get("feedback") == "1" for update in card.history)
 
 
 class DingTalkHarness(PlatformHarness):
@@ -83,6 +118,10 @@ class DingTalkHarness(PlatformHarness):
         text = "".join(card.content.get("content", "") for card in cards)
         updates = sum(card.streaming_calls for card in cards) - sum(card.ended for card in cards)
         state = _STATES[last.status]
+        if state == "final" and not _showed_feedback(last):
+            # Every part but the last is finished without feedback buttons, and the next part's
+            # card may not exist yet: the reply is final once its last card shows the buttons.
+            state = "streaming"
         return ReplyView(state, text, len(cards), updates, text if state == "failed" else "")
 
     async def click_feedback(self, message_id: str, user: str, rating: str) -> None:
