@@ -521,52 +521,21 @@ class DingTalkEmulator:
         app: str | None = None,
         text: str = "hi",
         *,
-        conversation_type: str = "1",
-        conversation_id: str | None = None,
-        conversation_title: str | None = None,
-        sender_staff_id: str = "user1",
-        sender_nick: str = "User One",
-        msgtype: str = "text",
-        content: Mapping[str, Any] | None = None,
-        msg_id: str | None = None,
-        at_bot: bool = True,
-        at_users: Sequence[str] = (),
-        is_admin: bool = False,
-        session_webhook_ttl: float = 5400.0,
-        attachment: bytes | None = None,
-        file_name: str | None = None,
-        quota_exceeded: bool = False,
-        extra: Mapping[str, Any] | None = None,
         connection: str | StreamConnection | None = None,
         wait_connection: float = 5.0,
         redeliver: bool = True,
+        **payload: Any,
     ) -> SentMessage:
-        """Push a robot message on ``/v1.0/im/bot/messages/get`` to one live connection of ``app``
-        (waiting up to ``wait_connection`` s for one).  Unacked, it is redelivered after
-        ``ack_timeout`` up to ``max_redeliveries`` times.  A group message that does not @ the bot,
-        and audio/video/file in groups, are not delivered (``SentMessage.delivered`` is False)."""
+        """Push a robot message built by :meth:`message` (``payload`` are its keyword arguments) on
+        ``/v1.0/im/bot/messages/get`` to one live connection of ``app`` (waiting up to
+        ``wait_connection`` s for one).  Unacked, it is redelivered after ``ack_timeout`` up to
+        ``max_redeliveries`` times.  A group message that does not @ the bot, and audio/video/file
+        in groups, are not delivered (``SentMessage.delivered`` is False)."""
         app = app or self.default_app
-        data = self.message(
-            app,
-            text,
-            conversation_type=conversation_type,
-            conversation_id=conversation_id,
-            conversation_title=conversation_title,
-            sender_staff_id=sender_staff_id,
-            sender_nick=sender_nick,
-            msgtype=msgtype,
-            content=content,
-            msg_id=msg_id,
-            at_bot=at_bot,
-            at_users=at_users,
-            is_admin=is_admin,
-            session_webhook_ttl=session_webhook_ttl,
-            attachment=attachment,
-            file_name=file_name,
-            quota_exceeded=quota_exceeded,
-            extra=extra,
-        )
-        if conversation_type == "2" and (not at_bot or msgtype in _ONE_TO_ONE_ONLY):
+        data = self.message(app, text, **payload)
+        group = payload.get("conversation_type", "1") == "2"
+        msgtype = payload.get("msgtype", "text")
+        if group and (not payload.get("at_bot", True) or msgtype in _ONE_TO_ONE_ONLY):
             return SentMessage(data["msgId"], "", "", data, delivered=False)
         return await self.push_data(
             app,
