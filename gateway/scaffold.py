@@ -14,7 +14,12 @@ from typing import Any
 
 import attrs
 
-from gateway.config.instance import ConversationSettings, ReconnectSettings, ReplySettings
+from gateway.config.instance import (
+    AccessSettings,
+    ConversationSettings,
+    ReconnectSettings,
+    ReplySettings,
+)
 from gateway.config.schema import describe_type, field_help
 from gateway.secrets import Secret
 
@@ -49,6 +54,7 @@ def render_instance(
         ("reply", ReplySettings),
         ("conversation", ConversationSettings),
         ("reconnect", ReconnectSettings),
+        ("access", AccessSettings),
     ):
         lines += ["", f"[{title}]", *_table(name, cls)]
     return "\n".join(line for i, line in enumerate(lines) if line or i > 2) + "\n"

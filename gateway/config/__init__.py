@@ -1,6 +1,7 @@
 """Configuration: instance files, the process-wide file, ``${VAR}`` substitution and validation."""
 
 from gateway.config.instance import (
+    AccessSettings,
     ConversationSettings,
     InstanceConfig,
     ReconnectSettings,
@@ -11,6 +12,7 @@ from gateway.config.instance import (
 from gateway.config.process import LogSettings, ProcessSettings, load_process_settings
 
 __all__ = [
+    "AccessSettings",
     "ConversationSettings",
     "InstanceConfig",
     "LogSettings",

@@ -7,7 +7,8 @@
     [settings]                # the driver's settings_class
     [agent]                   # type = agent entry-point name; the agent's settings beside it
     [reply]                   # pacing of streamed updates (ReplySettings)
-    [conversation]            # sessions, concurrency, agent time limits (ConversationSettings)
+    [conversation]            # sessions, busy policy, history, commands (ConversationSettings)
+    [access]                  # who may talk to the bot, rate and input limits (AccessSettings)
     [reconnect]               # the supervisor's backoff (ReconnectSettings)
 
 Everything is validated before anything connects and every problem is reported at once, each naming
@@ -35,6 +36,7 @@ from gateway.plugins import PluginRegistry
 
 __all__ = [
     "INSTANCE_NAME",
+    "AccessSettings",
     "ConversationSettings",
     "InstanceConfig",
     "ReconnectSettings",
@@ -109,6 +111,102 @@ class ConversationSettings:
             "help": "the answer when a message had only attachments and the agent said nothing"
         },
     )
+    busy: Literal["queue", "collect", "drop", "interrupt"] = attrs.field(
+        default="queue",
+        metadata={
+            "help": "a message arriving while its session is answering: queue (answer in order), "
+            "collect (merge into the next turn), drop (reply busy_reply), interrupt (stop the "
+            "running answer, then answer this one)"
+        },
+    )
+    busy_reply: str = attrs.field(
+        default="I am still answering your previous message; please wait for it.",
+        metadata={"help": "the answer to a message dropped by busy = 'drop'"},
+    )
+    history_turns: int = attrs.field(
+        default=10,
+        validator=_ge0,
+        metadata={"help": "earlier turns of the session passed to the agent; 0 = none"},
+    )
+    history_chars: int = attrs.field(
+        default=8000,
+        validator=_ge0,
+        metadata={"help": "at most this many characters of history (oldest turns dropped first)"},
+    )
+    history_max_age: float = attrs.field(
+        default=7 * 86400.0,
+        validator=attrs.validators.gt(0),
+        metadata={"help": "seconds after which a turn is forgotten"},
+    )
+    command_prefix: str = attrs.field(
+        default="/",
+        metadata={"help": "prefix of the built-in commands (/reset, /help, /stop); '' = none"},
+    )
+    help_text: str = attrs.field(
+        default="I answer your messages with an AI agent. Commands: /reset forgets our "
+        "conversation, /stop cancels the answer in progress, /help shows this text.",
+        metadata={"help": "the answer to /help"},
+    )
+
+
+@attrs.frozen
+class AccessSettings:
+    """Who may talk to this instance.  Patterns are globs (``fnmatch``) on ids."""
+
+    users_allow: list[str] = attrs.field(
+        factory=list, metadata={"help": "sender ids allowed (where a policy is 'allowlist')"}
+    )
+    users_deny: list[str] = attrs.field(
+        factory=list, metadata={"help": "sender ids always refused"}
+    )
+    conversations_allow: list[str] = attrs.field(
+        factory=list, metadata={"help": "group conversation ids allowed (group = 'allowlist')"}
+    )
+    conversations_deny: list[str] = attrs.field(
+        factory=list, metadata={"help": "conversation ids always refused"}
+    )
+    single: Literal["open", "allowlist", "disabled"] = attrs.field(
+        default="open",
+        metadata={"help": "one-to-one chats: open, allowlist (users_allow), disabled"},
+    )
+    group: Literal["open", "allowlist", "disabled"] = attrs.field(
+        default="open",
+        metadata={"help": "group chats: open, allowlist (conversations_allow), disabled"},
+    )
+    require_mention: bool = attrs.field(
+        default=False,
+        metadata={
+            "help": "in groups, answer only messages that mention the bot (if the platform says)"
+        },
+    )
+    admins: list[str] = attrs.field(
+        factory=list, metadata={"help": "sender ids that may use admin-only commands"}
+    )
+    denied_reply: str = attrs.field(
+        default="Sorry, you are not allowed to use this bot.",
+        metadata={"help": "the answer to a refused message; '' = no answer"},
+    )
+    rate_limit: int = attrs.field(
+        default=0,
+        validator=_ge0,
+        metadata={"help": "messages one sender may send per rate_window; 0 = no limit"},
+    )
+    rate_window: float = attrs.field(
+        default=60.0, validator=attrs.validators.gt(0), metadata={"help": "seconds of the window"}
+    )
+    rate_reply: str = attrs.field(
+        default="You are sending messages too quickly; please wait a moment.",
+        metadata={"help": "the answer to a message over the rate limit"},
+    )
+    max_input_chars: int = attrs.field(
+        default=0,
+        validator=_ge0,
+        metadata={"help": "longest message passed to the agent; 0 = no limit"},
+    )
+    input_overflow: Literal["truncate", "refuse"] = attrs.field(
+        default="truncate",
+        metadata={"help": "longer messages are truncated (with a note) or refused"},
+    )
 
 
 @attrs.frozen
@@ -144,6 +242,7 @@ class InstanceConfig:
     reply: ReplySettings
     conversation: ConversationSettings
     reconnect: ReconnectSettings
+    access: AccessSettings
     #: Changes whenever the file's meaning changes (after substitution), so a reload can tell which
     #: instances changed.
     fingerprint: str = attrs.field(repr=False)
@@ -205,6 +304,7 @@ def load_instance(
         "reply",
         "conversation",
         "reconnect",
+        "access",
     }
     for key in data:
         if key not in known:
@@ -240,6 +340,7 @@ def load_instance(
         ConversationSettings, data.get("conversation", {}), "conversation", found
     )
     reconnect = structure(ReconnectSettings, data.get("reconnect", {}), "reconnect", found)
+    access = structure(AccessSettings, data.get("access", {}), "access", found)
     if not isinstance(data.get("description", ""), str):
         found.append(("description", "expected a string"))
 
@@ -247,6 +348,7 @@ def load_instance(
         raise fail()
     assert driver_class is not None and agent_class is not None
     assert reply is not None and conversation is not None and reconnect is not None
+    assert access is not None
     return InstanceConfig(
         name=path.stem,
         path=path,
@@ -260,6 +362,7 @@ def load_instance(
         reply=reply,
         conversation=conversation,
         reconnect=reconnect,
+        access=access,
         fingerprint=_fingerprint(data),
     )
 
