@@ -10,10 +10,15 @@ The life of a message::
 
     driver ── deliver() ──> inbox.add (durable) ──> driver ACKs
                                │ new
-                               ├─> ReplyStream.open()      ("thinking…" at once)
-                               └─> SessionScheduler.submit (one turn at a time per session)
-                                      └─> access check ─> agent chunks ─> stream.push ... finish/fail
-                                             └─> inbox.finish (done; pruned after the TTL)
+                               └─> access check ──> denied: the reason (or nothing), done
+                                      ├─> command (/reset /help /stop): answered at once, done
+                                      ├─> session busy: the busy policy (queue, collect, drop,
+                                      │   interrupt)
+                                      ├─> ReplyStream.open()      ("thinking…" at once)
+                                      └─> SessionScheduler.submit (one turn at a time per session)
+                                             └─> history ─> agent chunks ─> stream.push ... finish
+                                                    └─> inbox.finish (done; pruned after the TTL)
+                                                    └─> history.append (answered turns only)
 """
 
 from __future__ import annotations
@@ -22,13 +27,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from pathlib import Path
+from typing import Any
 
 import attrs
 
-from gateway.access import AccessPolicy, AllowAll
-from gateway.agent import Agent, AgentRequest, stream_answer
+from gateway.access import AccessControl, AccessPolicy
+from gateway.agent import Agent, AgentRequest, HistoryTurn, stream_answer
+from gateway.commands import (
+    NOTHING_TO_STOP_REPLY,
+    RESET_REPLY,
+    STOPPED_REPLY,
+    Command,
+    parse_command,
+)
 from gateway.config.instance import InstanceConfig
 from gateway.config.process import ProcessSettings
 from gateway.driver import Driver
@@ -37,7 +50,7 @@ from gateway.logs import current_instance, instance_logger
 from gateway.models import FeedbackEvent, Incoming, Outcome, Reply
 from gateway.pacing import PacingPolicy, ReplyStream
 from gateway.sessions import SessionScheduler
-from gateway.store import Database, FeedbackStore, Inbox
+from gateway.store import Database, FeedbackStore, HistoryStore, Inbox
 from gateway.supervisor import InstanceState, InstanceStatus, Supervisor
 
 __all__ = ["Gateway", "InstanceRuntime"]
@@ -45,6 +58,10 @@ __all__ = ["Gateway", "InstanceRuntime"]
 _INTERRUPTED = "The answer was interrupted because the gateway is stopping."
 _EMPTY = "The agent returned no answer."
 _GAVE_UP = "This message could not be answered (it was interrupted by failures several times)."
+_STOPPED = "The answer was stopped."
+_SUPERSEDED = "The answer was interrupted by a newer message."
+_COLLECTED = "Answered together with your later message(s): see the reply to your last one."
+_BROKEN = "Something went wrong while answering."
 _FINALISE_TIMEOUT = 5.0
 
 
@@ -58,6 +75,7 @@ class InstanceRuntime:
         inbox: Inbox,
         feedback_store: FeedbackStore,
         process: ProcessSettings,
+        history: HistoryStore | None = None,
         access: AccessPolicy | None = None,
         supervisor_options: dict[str, object] | None = None,
     ) -> None:
@@ -69,8 +87,13 @@ class InstanceRuntime:
         self._inbox = inbox
         self._feedback = feedback_store
         self._process = process
-        self._access = access or AllowAll()
+        self._history = history or HistoryStore(inbox._db)
+        self._access: AccessPolicy = access or AccessControl.from_settings(config.access)
         self._scheduler = SessionScheduler(config.conversation.concurrency)
+        self._waiting: dict[str, list[_Turn]] = {}  # per session: turns submitted, not started
+        self._running: dict[str, _Turn] = {}  # per session: the turn being answered
+        self._resets: dict[str, int] = {}  # per session: how many /reset so far
+        self._side: set[asyncio.Task[None]] = set()  # replies answered outside the turns
         self._accepting = True
         self.driver: Driver = config.driver_class(config.settings, self)
         self.agent: Agent = config.agent_class(config.agent_settings)
@@ -113,7 +136,7 @@ class InstanceRuntime:
                 extra={"message_id": message.message_id, "event": "duplicate"},
             )
             return False
-        self._schedule(message)
+        await self._admit(message)
         return True
 
     async def feedback(self, event: FeedbackEvent) -> None:
@@ -175,7 +198,7 @@ class InstanceRuntime:
                 "resuming %d unanswered message(s)", len(pending), extra={"event": "resume"}
             )
         for message in pending:
-            self._schedule(message)
+            await self._admit(message)
 
     async def stop(self, grace: float) -> None:
         """Stop taking messages, let turns finish for ``grace`` seconds, finalise the rest as
@@ -186,6 +209,8 @@ class InstanceRuntime:
                 "interrupting the answers still running", extra={"event": "interrupt"}
             )
             await self._scheduler.cancel()
+        if self._side:
+            await asyncio.wait(set(self._side), timeout=_FINALISE_TIMEOUT)
         self._supervisor.stopping = True
         await self._close_quietly("driver", self.driver.close())
         if self._task is not None:
@@ -215,26 +240,193 @@ class InstanceRuntime:
             case _:
                 return f"s:{message.sender_id}"
 
-    def _schedule(self, message: Incoming) -> None:
+    def _open_stream(self, message: Incoming, *, feedback: bool | None = None) -> ReplyStream:
         stream = ReplyStream(
             self.driver.open_reply(message),
             policy=PacingPolicy.from_settings(self.config.reply),
             capabilities=self.driver.capabilities,
-            feedback=self.config.reply.feedback,
+            feedback=self.config.reply.feedback if feedback is None else feedback,
             logger=self.logger,
             message_id=message.message_id,
         )
         stream.open()
-        self.status.in_flight += 1
-        key = self.session_key(message)
+        return stream
 
-        async def turn() -> None:
+    async def _admit(self, message: Incoming) -> None:
+        """Access control, then a command, a busy reply or a turn.  Never raises: the message is
+        in the inbox already, so it must end answered whatever happens here."""
+        try:
+            checked = await self._access.check(message)
+        except AccessDenied as exc:
+            self._deny(message, str(exc))
+            return
+        except Exception:
+            self.logger.exception(
+                "access control failed on message %s",
+                message.message_id,
+                extra={"message_id": message.message_id},
+            )
+            self._reply_now(message, _BROKEN, Outcome.FAILED, error=True)
+            return
+        try:
+            self._dispatch(message, checked)
+        except Exception:
+            self.logger.exception(
+                "scheduling message %s failed",
+                message.message_id,
+                extra={"message_id": message.message_id},
+            )
+            self._reply_now(message, _BROKEN, Outcome.FAILED, error=True)
+
+    def _deny(self, message: Incoming, reply: str) -> None:
+        self.status.denied += 1
+        self.logger.debug(
+            "denied message %s%s",
+            message.message_id,
+            "" if reply else " (silently)",
+            extra={"message_id": message.message_id, "event": "denied"},
+        )
+        if reply:
+            self._reply_now(message, reply, Outcome.DENIED, error=True)
+        else:
+            # A silent refusal shows nothing at all: no placeholder was opened.
+            self._side_task(self._inbox.finish(Reply.for_message(message, "", Outcome.DENIED)))
+
+    def _dispatch(self, message: Incoming, checked: Incoming) -> None:
+        conv = self.config.conversation
+        key = self.session_key(message)
+        command = parse_command(checked.text, conv.command_prefix)
+        if command is not None:
+            self._command(message, key, command)
+            return
+        policy = conv.busy if self._scheduler.session_busy(key) else "queue"
+        if policy == "drop":
+            self._reply_now(message, conv.busy_reply, Outcome.ANSWERED)
+            return
+        waiting = self._waiting.setdefault(key, [])
+        if policy == "collect" and waiting and waiting[-1].collecting:
+            waiting[-1].parts.append(self._part(message, checked))
+            return
+        if policy == "interrupt":
+            for turn in waiting:
+                self._supersede(turn)
+            waiting.clear()
+            running = self._running.get(key)
+            if running is not None and self._scheduler.session_running(key):
+                running.cancel_reply = _SUPERSEDED
+                self._scheduler.cancel_running(key)
+        turn = _Turn(key, [self._part(message, checked)], collecting=policy == "collect")
+        waiting.append(turn)
+
+        async def job() -> None:
+            waiting = self._waiting.get(key, [])
+            if turn in waiting:
+                waiting.remove(turn)
+            if not waiting:
+                self._waiting.pop(key, None)
             try:
-                await self._answer(message, stream, key)
+                if turn.superseded:
+                    return  # finalised when it was superseded
+                self._running[key] = turn
+                await self._answer(turn)
+            finally:
+                if self._running.get(key) is turn:
+                    del self._running[key]
+                self.status.in_flight -= len(turn.parts)
+
+        self._scheduler.submit(key, job)
+
+    def _part(self, message: Incoming, checked: Incoming) -> _Part:
+        self.status.in_flight += 1
+        return _Part(message, checked, self._open_stream(message))
+
+    def _supersede(self, turn: _Turn) -> None:
+        """Finalise a turn that has not started, replaced by a newer message (busy = interrupt)."""
+        turn.superseded = True
+
+        async def finalise() -> None:
+            for part in turn.parts:
+                await part.stream.fail("", _SUPERSEDED)
+                await self._inbox.finish(Reply.for_message(part.original, "", Outcome.INTERRUPTED))
+
+        self._side_task(finalise())
+
+    def _command(self, message: Incoming, key: str, command: Command) -> None:
+        self.logger.info(
+            "command /%s in message %s",
+            command.value,
+            message.message_id,
+            extra={"message_id": message.message_id, "event": "command"},
+        )
+        match command:
+            case Command.RESET:
+                self._resets[key] = self._resets.get(key, 0) + 1
+                instance = self.instance
+
+                async def clear() -> None:
+                    await self._history.clear(instance, key)
+
+                self._reply_now(message, RESET_REPLY, Outcome.ANSWERED, before=clear)
+            case Command.HELP:
+                self._reply_now(message, self.config.conversation.help_text, Outcome.ANSWERED)
+            case Command.STOP:
+                running = self._running.get(key)
+                stopped = running is not None and self._scheduler.session_running(key)
+                if running is not None and stopped:
+                    running.cancel_reply = _STOPPED
+                    self._scheduler.cancel_running(key)
+                reply = STOPPED_REPLY if stopped else NOTHING_TO_STOP_REPLY
+                self._reply_now(message, reply, Outcome.ANSWERED)
+
+    def _reply_now(
+        self,
+        message: Incoming,
+        text: str,
+        outcome: Outcome,
+        *,
+        error: bool = False,
+        before: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Answer ``message`` with ``text`` at once, outside the session's turns (commands, busy
+        and refusal replies), and mark it done."""
+        self.status.in_flight += 1
+        stream = self._open_stream(message, feedback=False)
+
+        async def reply() -> None:
+            try:
+                final, result, failed = text, outcome, error
+                try:
+                    if before is not None:
+                        await before()
+                except Exception:
+                    self.logger.exception(
+                        "answering message %s failed",
+                        message.message_id,
+                        extra={"message_id": message.message_id},
+                    )
+                    final, result, failed = _BROKEN, Outcome.FAILED, True
+                if failed:
+                    await stream.fail("", final)
+                else:
+                    await stream.finish(final)
+                await self._inbox.finish(Reply.for_message(message, final, result))
             finally:
                 self.status.in_flight -= 1
 
-        self._scheduler.submit(key, turn)
+        self._side_task(reply())
+
+    def _side_task(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._side.add(task)
+        task.add_done_callback(self._side_done)
+
+    def _side_done(self, task: asyncio.Task[None]) -> None:
+        self._side.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self.logger.error(
+                "finishing a reply failed: %s: %s", type(exc).__name__, exc, exc_info=exc
+            )
 
     async def _prepare(self, message: Incoming) -> Incoming:
         try:
@@ -249,12 +441,60 @@ class InstanceRuntime:
             )
             return message
 
-    async def _answer(self, message: Incoming, stream: ReplyStream, session_key: str) -> None:
-        extra = {"message_id": message.message_id, "conversation": message.conversation_id}
-        text = ""
-        outcome = Outcome.ANSWERED
+    async def _load_history(self, key: str) -> list[HistoryTurn]:
+        conv = self.config.conversation
+        if conv.history_turns <= 0:
+            return []
         try:
-            attempts = await self._inbox.start(self.instance, message.message_id)
+            return await self._history.recent(
+                self.instance,
+                key,
+                turns=conv.history_turns,
+                chars=conv.history_chars,
+                max_age=conv.history_max_age,
+            )
+        except Exception as exc:
+            self.logger.warning(
+                "reading the history failed (%s: %s); answering without it",
+                type(exc).__name__,
+                exc,
+            )
+            return []
+
+    async def _remember(self, key: str, question: str, answer: str) -> None:
+        try:
+            await self._history.append(self.instance, key, question, answer)
+        except Exception as exc:
+            self.logger.warning("storing the history failed: %s: %s", type(exc).__name__, exc)
+
+    async def _finish_turn(self, turn: _Turn, text: str, outcome: Outcome) -> None:
+        """Record the outcome of every message of the turn; the earlier messages of a collected
+        turn get a short note pointing to the reply of the last one."""
+        for part in turn.parts[:-1]:
+            await part.stream.finish(_COLLECTED)
+            await self._inbox.finish(Reply.for_message(part.original, _COLLECTED, outcome))
+        await self._inbox.finish(Reply.for_message(turn.parts[-1].original, text, outcome))
+
+    async def _answer(self, turn: _Turn) -> None:
+        last = turn.parts[-1]
+        message, stream = last.original, last.stream
+        extra = {"message_id": message.message_id, "conversation": message.conversation_id}
+        conv = self.config.conversation
+        text = ""
+        question = ""
+        outcome = Outcome.ANSWERED
+        generation = self._resets.get(turn.key, 0)
+        try:
+            for part in turn.parts[:-1]:
+                await part.stream.finish(_COLLECTED)
+            # One round trip to the database for both (they share a batch of its worker).
+            counts, history = await asyncio.gather(
+                asyncio.gather(
+                    *(self._inbox.start(self.instance, p.original.message_id) for p in turn.parts)
+                ),
+                self._load_history(turn.key),
+            )
+            attempts = max(counts)
             if attempts > self._process.max_attempts:
                 self.logger.error(
                     "giving up on message %s after %d attempts",
@@ -264,32 +504,30 @@ class InstanceRuntime:
                 )
                 outcome = Outcome.FAILED
                 await stream.fail("", _GAVE_UP)
-            elif not message.text.strip() and not message.attachments:
-                # A bare mention or a message type the platform gave us nothing of: no agent call.
-                await self._access.check(message)
-                await stream.finish(self.config.conversation.empty_reply)
             else:
-                await self._access.check(message)
-                message = await self._prepare(message)
-                request = AgentRequest.for_message(message, session_key=session_key)
-                conv = self.config.conversation
-                async for chunk in stream_answer(
-                    self.agent, request, timeout=conv.timeout, idle_timeout=conv.idle_timeout
-                ):
-                    text += chunk
-                    stream.push(text)
-                if text.strip():
-                    await stream.finish(text)
-                elif not message.text.strip():
-                    # Only attachments, and the agent had nothing to say about them.
-                    await stream.finish(self.config.conversation.attachments_reply)
+                prepared = [await self._prepare(part.message) for part in turn.parts]
+                message = _merge(prepared)
+                if not message.text.strip() and not message.attachments:
+                    # A bare mention or a message type the platform gave us nothing of: no agent.
+                    await stream.finish(conv.empty_reply)
                 else:
-                    outcome = Outcome.FAILED
-                    await stream.fail(text, _EMPTY)
-        except AccessDenied as exc:
-            outcome = Outcome.DENIED
-            self.logger.info("denied message %s: %s", message.message_id, exc, extra=extra)
-            await stream.fail("", str(exc))
+                    request = AgentRequest.for_message(
+                        message, session_key=turn.key, history=history
+                    )
+                    async for chunk in stream_answer(
+                        self.agent, request, timeout=conv.timeout, idle_timeout=conv.idle_timeout
+                    ):
+                        text += chunk
+                        stream.push(text)
+                    if text.strip():
+                        await stream.finish(text)
+                        question = message.text
+                    elif not message.text.strip():
+                        # Only attachments, and the agent had nothing to say about them.
+                        await stream.finish(conv.attachments_reply)
+                    else:
+                        outcome = Outcome.FAILED
+                        await stream.fail(text, _EMPTY)
         except AgentError as exc:
             outcome = Outcome.FAILED
             cause = exc.__cause__
@@ -310,21 +548,64 @@ class InstanceRuntime:
             )
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(_FINALISE_TIMEOUT):
-                    await stream.fail(text, _INTERRUPTED)
-                    await self._inbox.finish(Reply.for_message(message, text, outcome))
+                    await stream.fail(text, turn.cancel_reply)
+                    await self._finish_turn(turn, text, outcome)
             raise
         except Exception:
             # A bug in the core or a plugin: the user still gets an answer and the process goes on.
             outcome = Outcome.FAILED
             self.logger.exception("answering message %s failed", message.message_id, extra=extra)
-            await stream.fail(text, "Something went wrong while answering.")
-        await self._inbox.finish(Reply.for_message(message, stream.outcome_text, outcome))
+            await stream.fail(text, _BROKEN)
+        await self._finish_turn(turn, stream.outcome_text, outcome)
+        if (
+            outcome is Outcome.ANSWERED
+            and question
+            and conv.history_turns > 0
+            and self._resets.get(turn.key, 0) == generation
+        ):
+            await self._remember(turn.key, question, text)
         self.logger.info(
             "answered message %s (%s)",
             message.message_id,
             outcome.value,
             extra={**extra, "event": "answered"},
         )
+
+
+@attrs.define(eq=False)
+class _Part:
+    """One message of a turn: as stored (``original``), as access control passed it on
+    (``message``, maybe truncated), and its reply."""
+
+    original: Incoming
+    message: Incoming
+    stream: ReplyStream
+
+
+@attrs.define(eq=False)
+class _Turn:
+    """One agent call of a session; several messages when busy = collect merged them."""
+
+    key: str
+    parts: list[_Part]
+    collecting: bool = False
+    superseded: bool = False
+    #: what the reply says if the turn is cancelled (shutdown unless /stop or a newer message)
+    cancel_reply: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        if not self.cancel_reply:
+            self.cancel_reply = _INTERRUPTED
+
+
+def _merge(messages: list[Incoming]) -> Incoming:
+    """Collected messages as one: texts joined with blank lines, every attachment, the rest of the
+    last message."""
+    if len(messages) == 1:
+        return messages[0]
+    text = "\n\n".join(m.text.strip() for m in messages if m.text.strip())
+    attachments = tuple(a for m in messages for a in m.attachments)
+    return attrs.evolve(messages[-1], text=text, attachments=attachments)
 
 
 def _outcome_seen(task: asyncio.Future[bool]) -> None:
@@ -340,6 +621,7 @@ class Gateway:
         self._db = db
         self.inbox = Inbox(db, ttl=process.inbox_ttl)
         self.feedback = FeedbackStore(db)
+        self.history = HistoryStore(db)
         self.instances: dict[str, InstanceRuntime] = {}
         self._prune_task: asyncio.Task[None] | None = None
 
@@ -360,6 +642,7 @@ class Gateway:
             inbox=self.inbox,
             feedback_store=self.feedback,
             process=self.process,
+            history=self.history,
             **runtime_options,  # type: ignore[arg-type]
         )
         self.instances[config.name] = runtime
@@ -400,4 +683,14 @@ class Gateway:
                     log.info("pruned %d answered message(s) from the inbox", pruned)
             except Exception as exc:
                 log.warning("pruning the inbox failed: %s", exc)
+            try:
+                ages = {
+                    name: runtime.config.conversation.history_max_age
+                    for name, runtime in self.instances.items()
+                }
+                pruned = await self.history.prune(ages)
+                if pruned:
+                    log.info("pruned %d old turn(s) from the conversation history", pruned)
+            except Exception as exc:
+                log.warning("pruning the conversation history failed: %s", exc)
             await asyncio.sleep(3600)

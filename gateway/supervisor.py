@@ -50,6 +50,7 @@ class InstanceStatus:
     reconnects: int = 0
     last_error: str = ""
     in_flight: int = 0
+    denied: int = 0  # messages refused by access control
 
 
 class Supervisor:

@@ -21,7 +21,9 @@ from gateway_testkit.memory import MemoryDriver
 REGISTRY = PluginRegistry.from_classes(
     drivers={"memory": MemoryDriver}, agents={"scripted": ScriptedAgent, "echo": EchoAgent}
 )
-FAST = {"sleep": lambda _delay: asyncio.sleep(0)}  # zero backoff waits in tests
+# Backoff delays are skipped; the 1 ms keeps a crash-looping instance from starving the others
+# (and the database thread) in tests that run one on purpose.
+FAST = {"sleep": lambda _delay: asyncio.sleep(0.001)}
 
 
 @pytest.fixture

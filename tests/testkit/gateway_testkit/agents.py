@@ -31,7 +31,13 @@ class ScriptedAgent(Agent):
     settings_class = ScriptedAgentSettings
     settings: ScriptedAgentSettings
 
+    def __init__(self, settings: ScriptedAgentSettings) -> None:
+        super().__init__(settings)
+        #: every request received, in order (what the agent was given: text, history...)
+        self.requests: list[AgentRequest] = []
+
     async def stream(self, request: AgentRequest) -> AsyncIterator[str]:
+        self.requests.append(request)
         if self.settings.attachments:
             chunks = [" ".join(a.url for a in request.attachments)]
         elif self.settings.echo:
