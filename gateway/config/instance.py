@@ -180,7 +180,7 @@ class AccessSettings:
         },
     )
     admins: list[str] = attrs.field(
-        factory=list, metadata={"help": "sender ids that may use admin-only commands"}
+        factory=list, metadata={"help": "sender ids exempt from the allow lists and the rate limit"}
     )
     denied_reply: str = attrs.field(
         default="Sorry, you are not allowed to use this bot.",
