@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -93,3 +94,8 @@ class JitAiStyleAgent:
 
 jitai_agent = JitAiStyleAgent()
 jitai_answer = from_stream_callback(jitai_agent.run)
+
+
+async def show_history(request: AgentRequest) -> str:
+    """Answers with the history it was given, as JSON (for the agent contract suite)."""
+    return json.dumps([{"question": t.question, "answer": t.answer} for t in request.history])
