@@ -658,3 +658,33 @@ async def test_debug_run_never_logs_values_from_the_environment(
     output = gateway.stdout + gateway.stderr
     assert "DEBUG" in output  # the debug level was on
     assert SECRET not in output and OTHER_SECRET not in output, output
+
+
+# -- history survives a restart of the real process -----------------------------------------------
+
+
+async def test_history_survives_a_restart_of_the_gateway(
+    tmp_path: Path, gateways: GatewayProcesses
+) -> None:
+    port = free_port()
+    instance = echo_instance(port).replace(
+        'type = "echo"\ndelay = 0.05',
+        'type = "python"\ncallable = "gateway_testkit.python_agents:show_history"',
+    )
+    setup_folder(tmp_path, {"bot": instance})
+    first = start_gateway(gateways, tmp_path)
+    await first.wait_http(f"http://127.0.0.1:{port}")
+    async with EchoClient(port) as client:
+        events = await client.ask("remember me", "h1")
+        assert events[-1][1]["text"] == "[]"  # no history yet
+    first.send(signal.SIGTERM)
+    assert await first.wait_exit(5) == 0, first.describe()
+
+    second = start_gateway(gateways, tmp_path)
+    await second.wait_http(f"http://127.0.0.1:{port}")
+    async with EchoClient(port) as client:
+        events = await client.ask("and now?", "h2")
+    history = json.loads(str(events[-1][1]["text"]))
+    assert history == [{"question": "remember me", "answer": "[]"}]
+    second.send(signal.SIGTERM)
+    assert await second.wait_exit(5) == 0, second.describe()
