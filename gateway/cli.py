@@ -1,4 +1,4 @@
-"""The ``gateway`` command: run, check, plugins, new.
+"""The ``gateway`` command: run, check, plugins, new, reload.
 
 Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
 """
@@ -18,7 +18,9 @@ from gateway.config import InstanceConfig, ProcessSettings, load_instances, load
 from gateway.config.instance import INSTANCE_NAME
 from gateway.errors import ConfigError, ConfigProblem, PluginError
 from gateway.logs import setup_logging
+from gateway.ops import start_ops
 from gateway.plugins import AGENTS, DRIVERS, PluginRegistry
+from gateway.reloading import AlreadyRunning, PidFile, Reloader, running_pid
 from gateway.runtime import Gateway
 from gateway.scaffold import render_instance
 
@@ -75,7 +77,20 @@ def _parser() -> argparse.ArgumentParser:
         "run", parents=[logging_options], help="run every enabled instance until stopped"
     )
     add_paths(run)
+    http = run.add_mutually_exclusive_group()
+    http.add_argument(
+        "--http", metavar="HOST:PORT", help="operations endpoint address (overrides gateway.toml)"
+    )
+    http.add_argument("--no-http", action="store_true", help="do not start the operations endpoint")
     run.set_defaults(handler=_run)
+
+    status = sub.add_parser(
+        "status", parents=[logging_options], help="show the instances of a running gateway"
+    )
+    status.add_argument(
+        "url", nargs="?", default="http://127.0.0.1:8780", help="its operations endpoint"
+    )
+    status.set_defaults(handler=_status)
 
     check = sub.add_parser(
         "check", parents=[logging_options], help="validate every config file; connect nothing"
@@ -97,6 +112,16 @@ def _parser() -> argparse.ArgumentParser:
     new.add_argument("--instances", type=Path, default=Path("instances"), help="instances folder")
     new.add_argument("--force", action="store_true", help="overwrite an existing file")
     new.set_defaults(handler=_new)
+
+    reload = sub.add_parser(
+        "reload",
+        parents=[logging_options],
+        help="make the running gateway re-read its instances folder (SIGHUP)",
+    )
+    reload.add_argument(
+        "--config", type=Path, default=None, help="process settings (default ./gateway.toml)"
+    )
+    reload.set_defaults(handler=_reload)
     return parser
 
 
@@ -204,16 +229,80 @@ def _new(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _status(args: argparse.Namespace) -> int:
+    import aiohttp
+
+    from gateway.ops import fetch_instances, format_status
+
+    try:
+        instances = asyncio.run(fetch_instances(args.url))
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        reason = str(exc) or type(exc).__name__
+        print(f"gateway: cannot get the status from {args.url}: {reason}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(format_status(instances))
+    return EXIT_OK
+
+
+def _http_override(args: argparse.Namespace, process: ProcessSettings) -> ProcessSettings:
+    """``--http HOST:PORT`` / ``--no-http`` over the ``[http]`` table."""
+    import attrs
+
+    from gateway.ops import parse_address
+
+    if getattr(args, "no_http", False):
+        return attrs.evolve(process, http=attrs.evolve(process.http, enabled=False))
+    if getattr(args, "http", None):
+        try:
+            host, port = parse_address(args.http)
+        except ValueError as exc:
+            raise ConfigError([ConfigProblem("--http", "", str(exc))]) from exc
+        http = attrs.evolve(process.http, enabled=True, host=host, port=port)
+        return attrs.evolve(process, http=http)
+    return process
+
+
 def _run(args: argparse.Namespace) -> int:
     process, configs, registry = _load(args)
+    process = _http_override(args, process)
     _setup_logging(args, process)
     _warn_broken_plugins(registry)
     if not any(c.enabled for c in configs):
         log.warning("no enabled instance in %s; waiting for a signal", args.instances)
-    return asyncio.run(_serve(process, configs))
+    pidfile = PidFile(process.state_path)
+    try:
+        pidfile.acquire()
+    except AlreadyRunning as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        return asyncio.run(_serve(process, configs, instances=args.instances))
+    finally:
+        pidfile.release()
 
 
-async def _serve(process: ProcessSettings, configs: list[InstanceConfig]) -> int:
+def _reload(args: argparse.Namespace) -> int:
+    _setup_logging(args)
+    process = _process_settings(args)
+    pid = running_pid(process.state_path)
+    if pid is None:
+        print(
+            f"gateway: no gateway is running on the state directory {process.state_path}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        print(f"gateway: cannot signal the gateway (pid {pid}): {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"reload requested (pid {pid}); the gateway logs the outcome")
+    return EXIT_OK
+
+
+async def _serve(
+    process: ProcessSettings, configs: list[InstanceConfig], *, instances: Path | None = None
+) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = 0
@@ -237,11 +326,22 @@ async def _serve(process: ProcessSettings, configs: list[InstanceConfig]) -> int
         loop.add_signal_handler(signum, on_signal, signum)
 
     gateway = await Gateway.open(process)
+    ops = await start_ops(gateway, process.http)
+    reloader = Reloader(gateway, instances) if instances is not None else None
+    if reloader is not None:
+        loop.add_signal_handler(signal.SIGHUP, reloader.request)
     try:
         await gateway.start_all(configs)
+        if reloader is not None:
+            reloader.start()
         log.info("gateway running with %d instance(s)", len(gateway.instances))
         await stop.wait()
     finally:
+        if reloader is not None:
+            loop.remove_signal_handler(signal.SIGHUP)
+            await reloader.close()
+        if ops is not None:
+            await ops.close()
         await gateway.close()
         log.info("gateway stopped")
     return EXIT_OK

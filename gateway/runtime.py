@@ -47,13 +47,14 @@ from gateway.config.process import ProcessSettings
 from gateway.driver import Driver
 from gateway.errors import AccessDenied, AgentError, ShuttingDown
 from gateway.logs import current_instance, instance_logger
+from gateway.metrics import Metrics
 from gateway.models import FeedbackEvent, Incoming, Outcome, Reply
 from gateway.pacing import PacingPolicy, ReplyStream
 from gateway.sessions import SessionScheduler
 from gateway.store import Database, FeedbackStore, HistoryStore, Inbox
 from gateway.supervisor import InstanceState, InstanceStatus, Supervisor
 
-__all__ = ["Gateway", "InstanceRuntime"]
+__all__ = ["Gateway", "InstanceRuntime", "ReloadResult"]
 
 _INTERRUPTED = "The answer was interrupted because the gateway is stopping."
 _EMPTY = "The agent returned no answer."
@@ -78,8 +79,10 @@ class InstanceRuntime:
         history: HistoryStore | None = None,
         access: AccessPolicy | None = None,
         supervisor_options: dict[str, object] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics or Metrics()
         self.instance = config.name
         self.logger = instance_logger(config.name)
         self.state_dir: Path = process.state_path / "instances" / config.name
@@ -135,7 +138,9 @@ class InstanceRuntime:
                 message.message_id,
                 extra={"message_id": message.message_id, "event": "duplicate"},
             )
+            self.metrics.message(self.instance, "duplicate")
             return False
+        self.metrics.message(self.instance, "received")
         await self._admit(message)
         return True
 
@@ -152,6 +157,7 @@ class InstanceRuntime:
             question=entry.message.text if entry else "",
             answer=entry.answer if entry and entry.answer else "",
         )
+        self.metrics.feedback(self.instance, event.rating)
         self.logger.info(
             "feedback %r on message %s",
             event.rating,
@@ -290,6 +296,7 @@ class InstanceRuntime:
             self._reply_now(message, reply, Outcome.DENIED, error=True)
         else:
             # A silent refusal shows nothing at all: no placeholder was opened.
+            self.metrics.message(self.instance, Outcome.DENIED.value)
             self._side_task(self._inbox.finish(Reply.for_message(message, "", Outcome.DENIED)))
 
     def _dispatch(self, message: Incoming, checked: Incoming) -> None:
@@ -348,6 +355,7 @@ class InstanceRuntime:
             for part in turn.parts:
                 await part.stream.fail("", _SUPERSEDED)
                 await self._inbox.finish(Reply.for_message(part.original, "", Outcome.INTERRUPTED))
+                self.metrics.message(self.instance, Outcome.INTERRUPTED.value)
 
         self._side_task(finalise())
 
@@ -410,6 +418,7 @@ class InstanceRuntime:
                 else:
                     await stream.finish(final)
                 await self._inbox.finish(Reply.for_message(message, final, result))
+                self.metrics.message(self.instance, result.value)
             finally:
                 self.status.in_flight -= 1
 
@@ -474,6 +483,7 @@ class InstanceRuntime:
             await part.stream.finish(_COLLECTED)
             await self._inbox.finish(Reply.for_message(part.original, _COLLECTED, outcome))
         await self._inbox.finish(Reply.for_message(turn.parts[-1].original, text, outcome))
+        self.metrics.message(self.instance, outcome.value, len(turn.parts))
 
     async def _answer(self, turn: _Turn) -> None:
         last = turn.parts[-1]
@@ -484,6 +494,7 @@ class InstanceRuntime:
         question = ""
         outcome = Outcome.ANSWERED
         generation = self._resets.get(turn.key, 0)
+        started, first_chunk = time.monotonic(), True
         try:
             for part in turn.parts[:-1]:
                 await part.stream.finish(_COLLECTED)
@@ -517,9 +528,13 @@ class InstanceRuntime:
                     async for chunk in stream_answer(
                         self.agent, request, timeout=conv.timeout, idle_timeout=conv.idle_timeout
                     ):
+                        if first_chunk:
+                            first_chunk = False
+                            self.metrics.first_chunk(self.instance, time.monotonic() - started)
                         text += chunk
                         stream.push(text)
                     if text.strip():
+                        self.metrics.answer(self.instance, time.monotonic() - started)
                         await stream.finish(text)
                         question = message.text
                     elif not message.text.strip():
@@ -613,6 +628,33 @@ def _outcome_seen(task: asyncio.Future[bool]) -> None:
         task.exception()
 
 
+@attrs.frozen
+class ReloadResult:
+    """What :meth:`Gateway.apply` did, by instance name (each list sorted)."""
+
+    started: list[str] = attrs.field(factory=list)
+    stopped: list[str] = attrs.field(factory=list)
+    restarted: list[str] = attrs.field(factory=list)
+    unchanged: list[str] = attrs.field(factory=list)
+    #: instances whose (re)start failed; they are not running
+    failed: list[str] = attrs.field(factory=list)
+
+    def summary(self) -> str:
+        """One line: ``reload: started a, b; stopped c; restarted d; 2 unchanged``."""
+        parts = [
+            f"{verb} {', '.join(names)}"
+            for verb, names in (
+                ("started", self.started),
+                ("stopped", self.stopped),
+                ("restarted", self.restarted),
+                ("failed", self.failed),
+            )
+            if names
+        ]
+        parts.append(f"{len(self.unchanged)} unchanged")
+        return "reload: " + "; ".join(parts)
+
+
 class Gateway:
     """All instances of one process, and what they share."""
 
@@ -623,6 +665,7 @@ class Gateway:
         self.feedback = FeedbackStore(db)
         self.history = HistoryStore(db)
         self.instances: dict[str, InstanceRuntime] = {}
+        self.metrics = Metrics(lambda: self.instances)
         self._prune_task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -643,6 +686,7 @@ class Gateway:
             feedback_store=self.feedback,
             process=self.process,
             history=self.history,
+            metrics=self.metrics,
             **runtime_options,  # type: ignore[arg-type]
         )
         self.instances[config.name] = runtime
@@ -659,6 +703,43 @@ class Gateway:
         if config.name in self.instances:
             await self.stop(config.name)
         self.start(config)
+
+    async def apply(
+        self, configs: Iterable[InstanceConfig], **runtime_options: object
+    ) -> ReloadResult:
+        """Make the running set match ``configs``: new enabled instances start, removed or disabled
+        ones stop (their answers in flight finish or are finalised within the grace period),
+        changed ones (another fingerprint) restart, and unchanged ones are left alone.  Every stop
+        runs concurrently, then the starts follow (a port freed by one may be taken by another)."""
+        log = logging.getLogger("gateway")
+        wanted = {c.name: c for c in configs if c.enabled}
+        stopped = sorted(n for n in self.instances if n not in wanted)
+        restarted = sorted(
+            n
+            for n, c in wanted.items()
+            if n in self.instances and self.instances[n].config.fingerprint != c.fingerprint
+        )
+        unchanged = sorted(n for n in wanted if n in self.instances and n not in restarted)
+        started = sorted(n for n in wanted if n not in self.instances)
+        stopping = [*stopped, *restarted]
+        results = await asyncio.gather(*(self.stop(n) for n in stopping), return_exceptions=True)
+        for name, result in zip(stopping, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("instance %s: stopping failed: %r", name, result)
+        failed = []
+        for name in sorted([*restarted, *started]):
+            try:
+                self.start(wanted[name], **runtime_options)
+            except Exception:
+                log.exception("instance %s: starting failed", name)
+                failed.append(name)
+        return ReloadResult(
+            started=[n for n in started if n not in failed],
+            stopped=stopped,
+            restarted=[n for n in restarted if n not in failed],
+            unchanged=unchanged,
+            failed=failed,
+        )
 
     async def start_all(self, configs: Iterable[InstanceConfig]) -> None:
         for config in configs:

@@ -13,7 +13,7 @@ from gateway.config.envsubst import environment, substitute
 from gateway.config.schema import Problems, structure
 from gateway.errors import ConfigError, ConfigProblem
 
-__all__ = ["LogSettings", "ProcessSettings", "load_process_settings"]
+__all__ = ["HttpSettings", "LogSettings", "ProcessSettings", "load_process_settings"]
 
 
 @attrs.frozen
@@ -23,6 +23,22 @@ class LogSettings:
     )
     format: Literal["text", "json"] = attrs.field(
         default="text", metadata={"help": "text for people, json for log collectors"}
+    )
+
+
+@attrs.frozen
+class HttpSettings:
+    enabled: bool = attrs.field(
+        default=True,
+        metadata={"help": "serve /healthz, /readyz, /v1/instances and /metrics over HTTP"},
+    )
+    host: str = attrs.field(
+        default="127.0.0.1", metadata={"help": "address the operations endpoint listens on"}
+    )
+    port: int = attrs.field(
+        default=8780,
+        validator=[attrs.validators.ge(0), attrs.validators.le(65535)],
+        metadata={"help": "TCP port of the operations endpoint (0: any free port, logged)"},
     )
 
 
@@ -52,6 +68,7 @@ class ProcessSettings:
         },
     )
     log: LogSettings = attrs.field(factory=LogSettings)
+    http: HttpSettings = attrs.field(factory=HttpSettings)
 
     @property
     def state_path(self) -> Path:
