@@ -14,9 +14,11 @@ from typing import Any
 
 import aiohttp
 
+from gateway.agent import Agent
 from gateway.errors import AgentError, AgentTimeout
 
 __all__ = [
+    "HttpSessionAgent",
     "SSEParser",
     "check_header_lines",
     "connection_error",
@@ -117,3 +119,24 @@ def connection_error(exc: BaseException, *, answered: bool) -> AgentError:
     if isinstance(exc, aiohttp.ClientConnectorError):
         return AgentError("Could not connect to the agent.")
     return AgentError("The connection to the agent failed.")
+
+
+class HttpSessionAgent(Agent):
+    """An agent that talks HTTP: one aiohttp session, opened on first use, closed by ``close()``
+    (and reopened if used again).  Time limits are per request, so the session has none."""
+
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                trust_env=True, timeout=aiohttp.ClientTimeout(total=None)
+            )
+        return self._session
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None and not session.closed:
+            await session.close()

@@ -29,8 +29,9 @@ from typing import Any
 import aiohttp
 import attrs
 
-from gateway.agent import Agent, AgentRequest
+from gateway.agent import AgentRequest
 from gateway.agents._sse import (
+    HttpSessionAgent,
     SSEParser,
     check_header_lines,
     connection_error,
@@ -108,28 +109,12 @@ def _field(data: Any, names: tuple[str, ...]) -> str | None:
     return None
 
 
-class HttpAgent(Agent):
+class HttpAgent(HttpSessionAgent):
     title = "HTTP endpoint"
     description = "POSTs each message as JSON to your URL and streams the response back."
     settings_class = HttpAgentSettings
 
     settings: HttpAgentSettings
-
-    def __init__(self, settings: HttpAgentSettings) -> None:
-        super().__init__(settings)
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                trust_env=True, timeout=aiohttp.ClientTimeout(total=None)
-            )
-        return self._session
-
-    async def close(self) -> None:
-        session, self._session = self._session, None
-        if session is not None and not session.closed:
-            await session.close()
 
     def _headers(self) -> dict[str, str]:
         headers = {"Accept": "text/event-stream, application/json;q=0.9, text/plain;q=0.8"}

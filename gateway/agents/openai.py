@@ -22,8 +22,9 @@ from typing import Any
 import aiohttp
 import attrs
 
-from gateway.agent import Agent, AgentRequest
+from gateway.agent import AgentRequest
 from gateway.agents._sse import (
+    HttpSessionAgent,
     SSEParser,
     check_header_lines,
     connection_error,
@@ -128,7 +129,7 @@ def _retry_after(value: str | None) -> float | None:
     return min(max(seconds, 0.0), _RETRY_AFTER_MAX)
 
 
-class OpenAIAgent(Agent):
+class OpenAIAgent(HttpSessionAgent):
     title = "OpenAI-compatible API"
     description = "Streams answers from any OpenAI-compatible chat completions API."
     settings_class = OpenAIAgentSettings
@@ -136,22 +137,6 @@ class OpenAIAgent(Agent):
     settings: OpenAIAgentSettings
 
     backoff_base = 1.0  # seconds before the first retry of a 429 without Retry-After; then doubled
-
-    def __init__(self, settings: OpenAIAgentSettings) -> None:
-        super().__init__(settings)
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                trust_env=True, timeout=aiohttp.ClientTimeout(total=None)
-            )
-        return self._session
-
-    async def close(self) -> None:
-        session, self._session = self._session, None
-        if session is not None and not session.closed:
-            await session.close()
 
     def messages(self, request: AgentRequest) -> list[dict[str, str]]:
         messages: list[dict[str, str]] = []
