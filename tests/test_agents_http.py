@@ -13,39 +13,21 @@ from typing import Any
 
 import pytest
 
-from gateway.agent import Agent, AgentRequest, HistoryTurn, stream_answer
+from gateway.agent import Agent, AgentRequest, stream_answer
 from gateway.agents.http import HttpAgent, HttpAgentSettings
 from gateway.agents.openai import OpenAIAgent, OpenAIAgentSettings
 from gateway.config.schema import Problems, structure
 from gateway.errors import AgentError, AgentTimeout
-from gateway.models import Attachment, ConversationKind
+from gateway.models import Attachment
 from gateway_testkit.llm_server import AgentHttpServer, LLMServer
+from gateway_testkit.requests import agent_request, agent_settings
 
 LIMIT = 10.0
 API_KEY = "sk-test-very-secret-key-4711"
 
 
-def make_request(text: str = "hello world", **changes: Any) -> AgentRequest:
-    fields: dict[str, Any] = {
-        "instance": "inst-1",
-        "session_key": "session-1",
-        "text": text,
-        "sender_id": "u-1",
-        "sender_name": "Ann Ö",
-        "conversation_id": "conv-1",
-        "conversation_kind": ConversationKind.GROUP,
-        "message_id": "msg-1",
-        "history": (HistoryTurn("q1", "a1"), HistoryTurn("q2 é", "a2")),
-    }
-    fields.update(changes)
-    return AgentRequest(**fields)
-
-
-def settings_of(cls: type[Any], data: dict[str, Any]) -> Any:
-    problems: Problems = []
-    settings = structure(cls, data, "agent", problems)
-    assert not problems, problems
-    return settings
+make_request = agent_request
+settings_of = agent_settings
 
 
 def problems_of(cls: type[Any], data: dict[str, Any]) -> Problems:

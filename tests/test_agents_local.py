@@ -22,33 +22,17 @@ from gateway.agents.command import CommandAgent, CommandAgentSettings
 from gateway.agents.python import PythonAgent, PythonAgentSettings, from_stream_callback
 from gateway.config.schema import Problems, structure
 from gateway.errors import AgentError, AgentTimeout
-from gateway.models import ConversationKind
 from gateway_testkit import python_agents
+from gateway_testkit.requests import agent_request, agent_settings
 
 LIMIT = 15.0  # seconds any single test interaction may take
 
 
 def make_request(text: str = "hello", **changes: Any) -> AgentRequest:
-    fields: dict[str, Any] = {
-        "instance": "inst-1",
-        "session_key": "session-1",
-        "text": text,
-        "sender_id": "u-1",
-        "sender_name": "Ann Ö",
-        "conversation_id": "conv-1",
-        "conversation_kind": ConversationKind.GROUP,
-        "message_id": "msg-1",
-        "history": (HistoryTurn("q1", "a1"), HistoryTurn("q2 é", "a2")),
-    }
-    fields.update(changes)
-    return AgentRequest(**fields)
+    return agent_request(text, **changes)
 
 
-def settings_of(cls: type[Any], data: dict[str, Any]) -> Any:
-    problems: Problems = []
-    settings = structure(cls, data, "agent", problems)
-    assert not problems, problems
-    return settings
+settings_of = agent_settings
 
 
 def command(script: str, **settings: Any) -> CommandAgent:
