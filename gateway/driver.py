@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Protocol
 
 import attrs
 
-from gateway.models import FeedbackEvent, Incoming
+from gateway.models import FeedbackEvent, Incoming, Outgoing
 
 __all__ = ["Capabilities", "Driver", "DriverContext", "ReplyChannel"]
 
@@ -171,6 +171,21 @@ class Driver(abc.ABC):
         must not wait), e.g. turn attachment download codes into URLs.  The default returns it
         unchanged; an exception is logged and the message goes on as it was."""
         return message
+
+    async def send(self, message: Outgoing) -> str:
+        """Send a message that answers nothing (drivers whose ``capabilities.proactive`` is True).
+
+        ``message.target`` says whether ``message.to`` is a conversation or a user.  Send
+        ``message.text`` as markdown when ``message.markdown`` and the platform renders it, as plain
+        text otherwise; text longer than ``capabilities.max_text_length`` arrives already split (one
+        call per part).  Returns the platform's id of the sent message, or ``""``.  Works whether or
+        not ``serve`` is currently connected, if the platform allows it.
+
+        Raises :class:`~gateway.errors.SendRejected` when the platform refuses the recipient or the
+        text, a :class:`~gateway.errors.RetryableError` for transient failures (after the driver's
+        own rate-limited retries).  The core deduplicates on ``message.idempotency_key``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot send proactive messages")
 
     async def close(self) -> None:
         """Stop serving and release connections; ``serve`` must end soon after.  Returns within a

@@ -10,6 +10,7 @@
     │   └── AgentTimeout         the agent took too long (in total or between chunks)
     ├── AccessDenied             the access-control hook refused a message
     └── DriverError              a driver's session with its platform ended or failed
+        ├── SendRejected         the platform refused a proactive message (unknown target, ...)
         ├── AuthenticationError  credentials rejected: logged once, retried with capped backoff
         ├── DriverConfigError    the settings cannot work (bad endpoint, ...): like AuthenticationError
         └── RetryableError       transient: the supervisor (or `call_with_retry`) tries again
@@ -40,6 +41,7 @@ __all__ = [
     "PluginError",
     "RateLimited",
     "RetryableError",
+    "SendRejected",
     "ShuttingDown",
 ]
 
@@ -96,6 +98,11 @@ class AccessDenied(GatewayError):
 
 class DriverError(GatewayError):
     """A driver's session failed.  Raised out of ``Driver.serve`` to the supervisor."""
+
+
+class SendRejected(DriverError):
+    """The platform refused a proactive message for a reason retrying cannot fix (unknown
+    conversation or user, robot not in the group, text refused).  The text is shown to the caller."""
 
 
 class AuthenticationError(DriverError):

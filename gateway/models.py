@@ -22,7 +22,9 @@ __all__ = [
     "Incoming",
     "Mention",
     "Outcome",
+    "Outgoing",
     "Reply",
+    "TargetKind",
 ]
 
 # Reply ids are derived from (instance, message id) so that a message resumed after a crash updates the
@@ -188,3 +190,53 @@ class FeedbackEvent:
         if not rating:
             raise ValueError("feedback needs a rating")
         return cls(instance, reply_id, user_id, rating, message_id, comment)
+
+
+class TargetKind(enum.StrEnum):
+    """Whom a proactive message goes to."""
+
+    CONVERSATION = "conversation"  # a group chat (DingTalk openConversationId, Feishu chat_id)
+    USER = "user"  # one person, in the robot's one-to-one chat (DingTalk userId, Feishu open_id)
+
+
+@attrs.frozen
+class Outgoing:
+    """A message that answers nothing, sent through an instance (the outbound API, ``gateway send``).
+
+    ``idempotency_key`` is the caller's: the core sends a message with a key it has already sent only
+    once.  Drivers may pass it to the platform where the platform deduplicates too.
+    """
+
+    instance: str
+    target: TargetKind = attrs.field(converter=TargetKind)
+    to: str
+    text: str
+    markdown: bool = False
+    title: str = ""
+    idempotency_key: str = ""
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        instance: str,
+        to: str,
+        text: str,
+        target: TargetKind | str = TargetKind.CONVERSATION,
+        markdown: bool = False,
+        title: str = "",
+        idempotency_key: str = "",
+    ) -> Outgoing:
+        if not to:
+            raise ValueError("a proactive message needs a recipient")
+        if not text.strip():
+            raise ValueError("a proactive message needs text")
+        return cls(instance, target, to, text, markdown, title, idempotency_key)
+
+    @property
+    def heading(self) -> str:
+        """A short title for platforms that need one (DingTalk markdown, card headers)."""
+        if self.title:
+            return self.title
+        first = self.text.strip().splitlines()[0].lstrip("#> ").strip()
+        return first[:40] or "Message"
