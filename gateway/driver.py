@@ -103,6 +103,10 @@ class DriverContext(Protocol):
     def frame_received(self) -> None:
         """Report any sign of life from the platform (health, zombie detection)."""
 
+    def api_call(self, outcome: str) -> None:
+        """Count one platform API call attempt by outcome (``ok``, ``retried``, ``rate_limited``,
+        ``failed``) for the metrics: pass it as ``on_outcome`` to ``gateway.ratelimit.call_with_retry``."""
+
     async def deliver(self, message: Incoming) -> bool:
         """Record ``message`` durably and schedule its answer.
 

@@ -46,6 +46,12 @@ class Metrics:
             ["instance", "rating"],
             registry=self.registry,
         )
+        self._api_calls = Counter(
+            "gateway_platform_api_calls",
+            "Platform API call attempts per instance and outcome (ok, retried, rate_limited, failed)",
+            ["instance", "outcome"],
+            registry=self.registry,
+        )
         self._first_chunk = Histogram(
             "gateway_agent_first_chunk_seconds",
             "Seconds from the start of a turn to the agent's first chunk",
@@ -68,6 +74,9 @@ class Metrics:
 
     def feedback(self, instance: str, rating: str) -> None:
         self._feedback.labels(instance, rating).inc()
+
+    def api_call(self, instance: str, outcome: str) -> None:
+        self._api_calls.labels(instance, outcome).inc()
 
     def first_chunk(self, instance: str, seconds: float) -> None:
         self._first_chunk.labels(instance).observe(seconds)

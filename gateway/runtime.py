@@ -117,6 +117,9 @@ class InstanceRuntime:
     def frame_received(self) -> None:
         self.status.last_frame = time.time()
 
+    def api_call(self, outcome: str) -> None:
+        self.metrics.api_call(self.instance, outcome)
+
     async def deliver(self, message: Incoming) -> bool:
         if message.instance != self.instance:
             raise ValueError(

@@ -55,6 +55,9 @@ class FakeContext:
     def frame_received(self) -> None:
         self.frames += 1
 
+    def api_call(self, outcome: str) -> None:
+        pass  # the echo driver calls no platform API
+
     async def deliver(self, message: Incoming) -> bool:
         if self.shutting_down:
             raise ShuttingDown("the gateway is stopping")

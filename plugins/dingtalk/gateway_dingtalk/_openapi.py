@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 
 from gateway.errors import AuthenticationError, DriverError, RateLimited, RetryableError
-from gateway.ratelimit import TokenBucket, call_with_retry
+from gateway.ratelimit import CallOutcome, TokenBucket, call_with_retry
 from gateway_dingtalk.settings import DingTalkSettings
 
 __all__ = ["OpenApi", "OpenApiError"]
@@ -51,6 +51,7 @@ class OpenApi:
         session: Callable[[], aiohttp.ClientSession],
         bucket: TokenBucket,
         logger: logging.LoggerAdapter[logging.Logger],
+        on_outcome: Callable[[CallOutcome], None],
     ) -> None:
         self._settings = settings
         self._session = session
@@ -59,8 +60,7 @@ class OpenApi:
         self._token = ""
         self._token_expires = 0.0
         self._token_lock = asyncio.Lock()
-        #: outcome -> count, for metrics ("ok", "retried", "rate_limited", "failed")
-        self.outcomes: dict[str, int] = {}
+        self._on_outcome = on_outcome
 
     @property
     def base(self) -> str:
@@ -122,12 +122,9 @@ class OpenApi:
 
     async def _retrying(self, once: Callable[[], Any]) -> dict[str, Any]:
         result: dict[str, Any] = await call_with_retry(
-            once, bucket=self._bucket, on_outcome=self._count, attempts=5, initial=0.5, cap=8.0
+            once, bucket=self._bucket, on_outcome=self._on_outcome, attempts=5, initial=0.5, cap=8.0
         )
         return result
-
-    def _count(self, outcome: str) -> None:
-        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
     async def _request(
         self, method: str, url: str, body: dict[str, Any], headers: dict[str, str], token: str = ""

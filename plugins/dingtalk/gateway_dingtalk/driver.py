@@ -74,7 +74,7 @@ class DingTalkDriver(Driver):
         # Every instance (and restart) of one app shares the app's quota.  No burst: DingTalk counts
         # calls per second, and a full bucket plus its refill would allow twice the rate in one.
         bucket = rate_limits.bucket(f"dingtalk:{settings.client_id}", settings.rate, burst=1)
-        self.api = OpenApi(settings, self._session, bucket, self._log)
+        self.api = OpenApi(settings, self._session, bucket, self._log, context.api_call)
         self._cards = CardHealth(settings, self._log)
 
     @property
