@@ -92,6 +92,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     status.set_defaults(handler=_status)
 
+    send = sub.add_parser(
+        "send",
+        parents=[logging_options],
+        help="send a message through an instance of a running gateway (the outbound API)",
+    )
+    send.add_argument("instance", help="the instance to send through")
+    send.add_argument("text", help="the message text ('-': read it from standard input)")
+    send.add_argument("--to", required=True, help="conversation id (or user id with --user)")
+    send.add_argument("--user", action="store_true", help="--to is a user, not a conversation")
+    send.add_argument("--markdown", action="store_true", help="send the text as markdown")
+    send.add_argument("--title", default="", help="title, where the platform shows one")
+    send.add_argument(
+        "--key", default="", help="idempotency key: a retry with it sends nothing twice"
+    )
+    send.add_argument(
+        "--url", default=None, help="its operations endpoint (default: from gateway.toml)"
+    )
+    send.add_argument(
+        "--config", type=Path, default=None, help="process settings (default ./gateway.toml)"
+    )
+    send.set_defaults(handler=_send)
+
     check = sub.add_parser(
         "check", parents=[logging_options], help="validate every config file; connect nothing"
     )
@@ -241,6 +263,47 @@ def _status(args: argparse.Namespace) -> int:
         print(f"gateway: cannot get the status from {args.url}: {reason}", file=sys.stderr)
         return EXIT_FAILURE
     print(format_status(instances))
+    return EXIT_OK
+
+
+def _send(args: argparse.Namespace) -> int:
+    import aiohttp
+
+    from gateway.config.process import TOKEN_VARIABLE
+    from gateway.ops import post_message
+
+    process = _process_settings(args)
+    token = process.http.token
+    if not token:
+        print(
+            f"gateway: no API token: set {TOKEN_VARIABLE} (or [http] token in gateway.toml)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    url = args.url or f"http://{process.http.host}:{process.http.port}"
+    text = sys.stdin.read() if args.text == "-" else args.text
+    body = {
+        "to": args.to,
+        "text": text,
+        "target": "user" if args.user else "conversation",
+        "format": "markdown" if args.markdown else "text",
+    }
+    if args.title:
+        body["title"] = args.title
+    if args.key:
+        body["idempotency_key"] = args.key
+    try:
+        status, answer = asyncio.run(post_message(url, token.reveal(), args.instance, body))
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        reason = str(exc) or type(exc).__name__
+        print(f"gateway: cannot reach the gateway at {url}: {reason}", file=sys.stderr)
+        return EXIT_FAILURE
+    if status != 200:
+        print(f"gateway: send failed (HTTP {status}): {answer.get('error', '')}", file=sys.stderr)
+        return EXIT_FAILURE
+    how = "already sent (idempotency key)" if answer.get("replayed") else "sent"
+    ids = ", ".join(str(i) for i in answer.get("message_ids", []) if i) or "-"
+    print(f"{how}: {answer.get('parts', 0)} part(s) to {args.to} via {args.instance} [{ids}]")
     return EXIT_OK
 
 

@@ -9,6 +9,7 @@
     ├── AgentError               the agent failed; the text is shown to the user
     │   └── AgentTimeout         the agent took too long (in total or between chunks)
     ├── AccessDenied             the access-control hook refused a message
+    ├── RequestConflict          an outbound request's idempotency key is busy or was used otherwise
     └── DriverError              a driver's session with its platform ended or failed
         ├── SendRejected         the platform refused a proactive message (unknown target, ...)
         ├── AuthenticationError  credentials rejected: logged once, retried with capped backoff
@@ -40,6 +41,7 @@ __all__ = [
     "GatewayError",
     "PluginError",
     "RateLimited",
+    "RequestConflict",
     "RetryableError",
     "SendRejected",
     "ShuttingDown",
@@ -94,6 +96,11 @@ class AgentTimeout(AgentError):
 
 class AccessDenied(GatewayError):
     """The access-control hook refused the message; ``str(error)`` may be shown to the sender."""
+
+
+class RequestConflict(GatewayError):
+    """An outbound message's idempotency key belongs to a request still in progress (or interrupted,
+    outcome unknown), or to a different message.  Nothing was sent."""
 
 
 class DriverError(GatewayError):

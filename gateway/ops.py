@@ -4,12 +4,19 @@
 ``GET /readyz``        200 when every running instance is connected, else 503; per-instance states.
 ``GET /v1/instances``  the status of every running instance (what ``gateway status`` shows).
 ``GET /metrics``       the gateway's metrics in the Prometheus text format.
+``POST /v1/instances/{name}/messages``
+                       send a proactive message through an instance (bearer token required; off
+                       without a configured token).  Body: ``{"to": ID, "text": TEXT, "target":
+                       "conversation"|"user", "format": "text"|"markdown", "title": TEXT}``; an
+                       ``Idempotency-Key`` header (or ``"idempotency_key"``) makes retries safe.
 
 It binds to 127.0.0.1 by default: nothing here needs to be public, and nothing secret is served.
 """
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
 import time
 from typing import Any
@@ -18,9 +25,12 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway.config.process import HttpSettings
+from gateway.config.process import TOKEN_VARIABLE, HttpSettings
+from gateway.errors import DriverError, RequestConflict, SendRejected
 from gateway.logs import redact
+from gateway.models import Outgoing, TargetKind
 from gateway.runtime import Gateway, InstanceRuntime
+from gateway.secrets import Secret
 from gateway.supervisor import InstanceState
 
 __all__ = [
@@ -29,6 +39,7 @@ __all__ = [
     "format_status",
     "instance_view",
     "parse_address",
+    "post_message",
     "start_ops",
 ]
 
@@ -54,16 +65,18 @@ def instance_view(runtime: InstanceRuntime) -> dict[str, Any]:
 class OpsServer:
     """The HTTP server of one gateway; :meth:`start` binds it, :meth:`close` stops it."""
 
-    def __init__(self, gateway: Gateway, host: str, port: int) -> None:
+    def __init__(self, gateway: Gateway, host: str, port: int, token: Secret | None = None) -> None:
         self.gateway = gateway
         self.host = host
         self.port = port
+        self._token = token
         self._runner: web.AppRunner | None = None
-        app = web.Application()
+        app = web.Application(client_max_size=_MAX_BODY)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/v1/instances", self._instances)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_post("/v1/instances/{name}/messages", self._send)
         self._app = app
 
     @property
@@ -117,13 +130,111 @@ class OpsServer:
         body = self.gateway.metrics.exposition()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def _send(self, request: web.Request) -> web.Response:
+        if not self._token:
+            return _error(404, f"sending is off: no API token is configured (set {TOKEN_VARIABLE})")
+        if not _authorised(request, self._token):
+            return _error(
+                401,
+                "a valid bearer token is required (Authorization: Bearer ...)",
+                headers={"WWW-Authenticate": 'Bearer realm="gateway"'},
+            )
+        name = request.match_info["name"]
+        if name not in self.gateway.instances:
+            return _error(404, f"no running instance named {name!r}")
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return _error(400, "the body must be a JSON object")
+        key = request.headers.get("Idempotency-Key", "")
+        try:
+            message = _outgoing(name, body, key)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        try:
+            sent = await self.gateway.send(message)
+        except KeyError:  # stopped (reload) while the body was read
+            return _error(404, f"no running instance named {name!r}")
+        except RequestConflict as exc:
+            return _error(409, str(exc))
+        except SendRejected as exc:
+            return _error(422, redact(str(exc)))
+        except DriverError as exc:
+            log.warning("instance %s: proactive message failed: %s", name, exc)
+            return _error(502, f"the platform did not take the message: {redact(str(exc))}")
+        return web.json_response(
+            {
+                "instance": name,
+                "target": message.target.value,
+                "to": message.to,
+                "message_ids": list(sent.ids),
+                "parts": len(sent.ids),
+                "replayed": sent.replayed,
+            },
+            headers={"Idempotent-Replayed": "true"} if sent.replayed else None,
+        )
+
+
+#: Larger bodies get 413: a proactive message is a chat message, not an upload.
+_MAX_BODY = 256 * 1024
+_FIELDS = {"to", "text", "target", "format", "title", "idempotency_key"}
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def _authorised(request: web.Request, token: Secret) -> bool:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    # Constant-time comparison: the endpoint may be reachable by others than the operator.
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), token.reveal().encode()
+    )
+
+
+def _outgoing(instance: str, body: Any, header_key: str) -> Outgoing:
+    """The message a request body describes; ValueError naming the field if it is invalid."""
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object")
+    unknown = sorted(set(body) - _FIELDS)
+    if unknown:
+        raise ValueError(
+            f"unknown field(s): {', '.join(unknown)} (allowed: {', '.join(sorted(_FIELDS))})"
+        )
+    for field in ("to", "text"):
+        if not isinstance(body.get(field), str) or not body[field].strip():
+            raise ValueError(f"{field!r} is required and must be a non-empty string")
+    for field in ("target", "format", "title", "idempotency_key"):
+        if field in body and not isinstance(body[field], str):
+            raise ValueError(f"{field!r} must be a string")
+    target = body.get("target", TargetKind.CONVERSATION.value)
+    if target not in {kind.value for kind in TargetKind}:
+        raise ValueError(f"'target' must be 'conversation' or 'user', not {target!r}")
+    form = body.get("format", "text")
+    if form not in ("text", "markdown"):
+        raise ValueError(f"'format' must be 'text' or 'markdown', not {form!r}")
+    key = header_key or body.get("idempotency_key", "")
+    if header_key and body.get("idempotency_key", header_key) != header_key:
+        raise ValueError("the Idempotency-Key header and 'idempotency_key' differ")
+    if len(key) > 255:
+        raise ValueError("the idempotency key is longer than 255 characters")
+    return Outgoing.create(
+        instance=instance,
+        to=body["to"].strip(),
+        text=body["text"],
+        target=target,
+        markdown=form == "markdown",
+        title=body.get("title", ""),
+        idempotency_key=key,
+    )
+
 
 async def start_ops(gateway: Gateway, settings: HttpSettings) -> OpsServer | None:
     """Start the endpoint if enabled.  A port in use is logged, not fatal: the instances matter more
     than their dashboard."""
     if not settings.enabled:
         return None
-    server = OpsServer(gateway, settings.host, settings.port)
+    server = OpsServer(gateway, settings.host, settings.port, settings.token)
     try:
         await server.start()
     except OSError as exc:
@@ -190,3 +301,23 @@ async def fetch_instances(url: str, timeout: float = 5.0) -> dict[str, dict[str,
     if not isinstance(instances, dict):
         raise ValueError("unexpected response (no 'instances' object)")
     return instances
+
+
+async def post_message(
+    url: str, token: str, instance: str, body: dict[str, Any], timeout: float = 30.0
+) -> tuple[int, dict[str, Any]]:
+    """``POST URL/v1/instances/INSTANCE/messages`` (what ``gateway send`` does): the status and the
+    JSON answer.  Raises aiohttp.ClientError or TimeoutError when the gateway cannot be reached."""
+    headers = {"Authorization": f"Bearer {token}"}
+    key = body.get("idempotency_key")
+    if key:
+        headers["Idempotency-Key"] = key
+    endpoint = f"{url.rstrip('/')}/v1/instances/{instance}/messages"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+        async with session.post(endpoint, json=body, headers=headers) as response:
+            text = await response.text()
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        answer = {"error": text.strip()[:200] or f"HTTP {response.status}"}
+    return response.status, answer if isinstance(answer, dict) else {"error": str(answer)}

@@ -48,10 +48,11 @@ from gateway.driver import Driver
 from gateway.errors import AccessDenied, AgentError, ShuttingDown
 from gateway.logs import current_instance, instance_logger
 from gateway.metrics import Metrics
-from gateway.models import FeedbackEvent, Incoming, Outcome, Reply
+from gateway.models import FeedbackEvent, Incoming, Outcome, Outgoing, Reply
+from gateway.outbound import Sent, send
 from gateway.pacing import PacingPolicy, ReplyStream
 from gateway.sessions import SessionScheduler
-from gateway.store import Database, FeedbackStore, HistoryStore, Inbox
+from gateway.store import Database, FeedbackStore, HistoryStore, Inbox, Outbox
 from gateway.supervisor import InstanceState, InstanceStatus, Supervisor
 
 __all__ = ["Gateway", "InstanceRuntime", "ReloadResult"]
@@ -667,6 +668,7 @@ class Gateway:
         self.inbox = Inbox(db, ttl=process.inbox_ttl)
         self.feedback = FeedbackStore(db)
         self.history = HistoryStore(db)
+        self.outbox = Outbox(db, ttl=process.inbox_ttl)
         self.instances: dict[str, InstanceRuntime] = {}
         self.metrics = Metrics(lambda: self.instances)
         self._prune_task: asyncio.Task[None] | None = None
@@ -744,6 +746,21 @@ class Gateway:
             failed=failed,
         )
 
+    async def send(self, message: Outgoing) -> Sent:
+        """Send a proactive message through the running instance ``message.instance`` (KeyError if
+        there is none); see :func:`gateway.outbound.send`."""
+        runtime = self.instances[message.instance]
+        sent = await send(runtime.driver, self.outbox, self.metrics, message)
+        runtime.logger.info(
+            "%s a proactive message to %s %s (%d part(s))",
+            "replayed" if sent.replayed else "sent",
+            message.target.value,
+            message.to,
+            len(sent.ids),
+            extra={"event": "proactive_replayed" if sent.replayed else "proactive_sent"},
+        )
+        return sent
+
     async def start_all(self, configs: Iterable[InstanceConfig]) -> None:
         for config in configs:
             self.start(config)
@@ -777,4 +794,8 @@ class Gateway:
                     log.info("pruned %d old turn(s) from the conversation history", pruned)
             except Exception as exc:
                 log.warning("pruning the conversation history failed: %s", exc)
+            try:
+                await self.outbox.prune()
+            except Exception as exc:
+                log.warning("pruning the idempotency keys failed: %s", exc)
             await asyncio.sleep(3600)

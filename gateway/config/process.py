@@ -12,8 +12,18 @@ import attrs
 from gateway.config.envsubst import environment, substitute
 from gateway.config.schema import Problems, structure
 from gateway.errors import ConfigError, ConfigProblem
+from gateway.secrets import Secret
 
-__all__ = ["HttpSettings", "LogSettings", "ProcessSettings", "load_process_settings"]
+__all__ = [
+    "TOKEN_VARIABLE",
+    "HttpSettings",
+    "LogSettings",
+    "ProcessSettings",
+    "load_process_settings",
+]
+
+#: The environment variable holding the outbound API's token when ``[http] token`` is not set.
+TOKEN_VARIABLE = "GATEWAY_API_TOKEN"
 
 
 @attrs.frozen
@@ -39,6 +49,13 @@ class HttpSettings:
         default=8780,
         validator=[attrs.validators.ge(0), attrs.validators.le(65535)],
         metadata={"help": "TCP port of the operations endpoint (0: any free port, logged)"},
+    )
+    token: Secret | None = attrs.field(
+        default=None,
+        metadata={
+            "help": "bearer token for POST /v1/instances/NAME/messages (default: the "
+            f"{TOKEN_VARIABLE} environment variable); without one, sending is off"
+        },
     )
 
 
@@ -80,20 +97,27 @@ def load_process_settings(
 ) -> ProcessSettings:
     """Read ``path``; a missing file gives the defaults unless ``required``."""
     file = str(path)
+    env = environment(None) if env is None else env
     if not path.is_file():
         if required:
             raise ConfigError([ConfigProblem(file, "", "config file not found")])
-        return ProcessSettings()
+        return _default_token(ProcessSettings(), env)
     found: Problems = []
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError([ConfigProblem(file, "", f"cannot read TOML: {exc}")]) from exc
-    data = substitute(
-        data, environment(None) if env is None else env, "", found, allow_missing=False
-    )
+    data = substitute(data, env, "", found, allow_missing=False)
     settings = structure(ProcessSettings, data, "", found) if not found else None
     if settings is None:
         raise ConfigError([ConfigProblem(file, key, message) for key, message in found])
     # Relative paths in the file mean "next to the file", wherever the gateway is started from.
-    return attrs.evolve(settings, state_dir=str(path.resolve().parent / settings.state_dir))
+    settings = attrs.evolve(settings, state_dir=str(path.resolve().parent / settings.state_dir))
+    return _default_token(settings, env)
+
+
+def _default_token(settings: ProcessSettings, env: Mapping[str, str]) -> ProcessSettings:
+    if settings.http.token is not None or not env.get(TOKEN_VARIABLE):
+        return settings
+    http = attrs.evolve(settings.http, token=Secret(env[TOKEN_VARIABLE]))
+    return attrs.evolve(settings, http=http)

@@ -27,7 +27,14 @@ from gateway.models import ConversationKind, Incoming
 from gateway_dingtalk._openapi import OpenApi, OpenApiError, new_guid
 from gateway_dingtalk.settings import DingTalkSettings
 
-__all__ = ["AICardReply", "CardHealth", "LegacyCardReply", "MessageReply", "out_track_id"]
+__all__ = [
+    "AICardReply",
+    "CardHealth",
+    "LegacyCardReply",
+    "MessageReply",
+    "out_track_id",
+    "send_robot_message",
+]
 
 # A session webhook is not used in its last minute: the call could land after it expired.
 _WEBHOOK_MARGIN_MS = 60_000
@@ -157,33 +164,56 @@ class MessageReply(ReplyChannel):
                 # sent, so the OpenAPI send below delivers the answer instead.
                 pass
         # The webhook expired (a late or resumed answer): the OpenAPI send calls need no session.
-        key, param = (
-            ("sampleMarkdown", {"title": title, "text": text})
-            if self._markdown
-            else ("sampleText", {"content": text})
-        )
         if target.group:
-            await self._api.call(
-                "POST",
-                "/v1.0/robot/groupMessages/send",
-                {
-                    "msgKey": key,
-                    "msgParam": json.dumps(param, ensure_ascii=False),
-                    "openConversationId": target.conversation_id,
-                    "robotCode": target.robot,
-                },
+            await send_robot_message(
+                self._api,
+                target.robot,
+                group=target.conversation_id,
+                text=text,
+                markdown=self._markdown,
+                title=title,
             )
         else:
-            await self._api.call(
-                "POST",
-                "/v1.0/robot/oToMessages/batchSend",
-                {
-                    "robotCode": target.robot,
-                    "userIds": [target.staff_id],
-                    "msgKey": key,
-                    "msgParam": json.dumps(param, ensure_ascii=False),
-                },
+            await send_robot_message(
+                self._api,
+                target.robot,
+                user=target.staff_id,
+                text=text,
+                markdown=self._markdown,
+                title=title,
             )
+
+
+async def send_robot_message(
+    api: OpenApi,
+    robot: str,
+    *,
+    text: str,
+    markdown: bool,
+    title: str,
+    group: str = "",
+    user: str = "",
+) -> str:
+    """Send ``text`` as the robot to a group (``openConversationId``) or one user (staff id) with
+    the OpenAPI send calls, which need no session webhook.  Returns DingTalk's ``processQueryKey``.
+
+    Raises :class:`OpenApiError` when DingTalk refuses (a user it does not know comes back in
+    ``invalidStaffIdList`` of an otherwise successful answer: that is a refusal too)."""
+    key, param = (
+        ("sampleMarkdown", {"title": title, "text": text})
+        if markdown
+        else ("sampleText", {"content": text})
+    )
+    common = {"robotCode": robot, "msgKey": key, "msgParam": json.dumps(param, ensure_ascii=False)}
+    if group:
+        path = "/v1.0/robot/groupMessages/send"
+        result = await api.call("POST", path, {**common, "openConversationId": group})
+    else:
+        path = "/v1.0/robot/oToMessages/batchSend"
+        result = await api.call("POST", path, {**common, "userIds": [user]})
+        if user in (result.get("invalidStaffIdList") or []):
+            raise OpenApiError(path, 200, "invalidStaffIdList", f"unknown user {user}")
+    return str(result.get("processQueryKey") or "")
 
 
 class AICardReply(ReplyChannel):

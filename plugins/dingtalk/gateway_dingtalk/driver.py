@@ -35,11 +35,12 @@ from gateway.errors import (
     ConnectionLost,
     DriverConfigError,
     RetryableError,
+    SendRejected,
     ShuttingDown,
 )
-from gateway.models import FeedbackEvent, Incoming
+from gateway.models import FeedbackEvent, Incoming, Outgoing, TargetKind
 from gateway.ratelimit import rate_limits
-from gateway_dingtalk._openapi import OpenApi
+from gateway_dingtalk._openapi import OpenApi, OpenApiError
 from gateway_dingtalk._payload import TOPIC_BOT, incoming_from_dingtalk, resolve_attachments
 from gateway_dingtalk._replies import (
     AICardReply,
@@ -47,6 +48,7 @@ from gateway_dingtalk._replies import (
     LegacyCardReply,
     MessageReply,
     reply_id_of,
+    send_robot_message,
 )
 from gateway_dingtalk.settings import DingTalkSettings
 
@@ -361,3 +363,19 @@ class DingTalkDriver(Driver):
         if mode == "card":
             return LegacyCardReply(self.api, self.settings, message)
         return MessageReply(self.api, self.settings, message, markdown=mode == "markdown")
+
+    async def send(self, message: Outgoing) -> str:
+        # The OpenAPI send calls, not a session webhook: nothing was asked, so there is no session.
+        group = message.to if message.target is TargetKind.CONVERSATION else ""
+        try:
+            return await send_robot_message(
+                self.api,
+                self.settings.robot,
+                group=group,
+                user="" if group else message.to,
+                text=message.text,
+                markdown=message.markdown,
+                title=message.heading,
+            )
+        except OpenApiError as exc:
+            raise SendRejected(str(exc)) from exc

@@ -5,6 +5,7 @@
     GET  /messages/{id}       -> {"id", "reply_id", "state", "text", "events"}
     GET  /messages/{id}/events -> the same event stream: past events, then new ones
     POST /feedback            {"message_id", "user", "rating", "comment"} -> 204
+    GET  /sent                -> {"messages": [...]}: the proactive messages sent (outbound API)
 
 Errors are JSON ``{"error": "..."}``.  Each SSE event is ``event: NAME`` plus ``data:`` with the
 event dict as JSON (including its ``"event"`` key).
@@ -24,6 +25,7 @@ from aiohttp import web
 from gateway.driver import DriverContext
 from gateway.errors import ShuttingDown
 from gateway.models import ConversationKind, FeedbackEvent, Incoming
+from gateway_echo._sent import SentMessages
 from gateway_echo._transcript import Event, Transcript, Transcripts
 
 __all__ = ["make_app"]
@@ -42,7 +44,7 @@ class _Problem(Exception):
 
 
 def make_app(
-    context: DriverContext, transcripts: Transcripts, stop: asyncio.Event
+    context: DriverContext, transcripts: Transcripts, sent: SentMessages, stop: asyncio.Event
 ) -> web.Application:
     """The endpoint's application.  Streams end when ``stop`` is set (and readers are woken)."""
     endpoint = _Endpoint(context, transcripts, stop)
@@ -56,6 +58,9 @@ def make_app(
         except _Problem as exc:
             return web.json_response({"error": str(exc)}, status=exc.status)
 
+    async def get_sent(request: web.Request) -> web.Response:
+        return web.json_response(sent.to_json())
+
     app = web.Application(middlewares=[sign_of_life])
     app.add_routes(
         [
@@ -63,6 +68,7 @@ def make_app(
             web.get("/messages/{id}", endpoint.get_message),
             web.get("/messages/{id}/events", endpoint.get_events),
             web.post("/feedback", endpoint.post_feedback),
+            web.get("/sent", get_sent),
         ]
     )
     return app

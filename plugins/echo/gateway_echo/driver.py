@@ -16,8 +16,9 @@ from aiohttp import web
 
 from gateway.driver import Capabilities, Driver, DriverContext
 from gateway.errors import DriverConfigError
-from gateway.models import Incoming
+from gateway.models import Incoming, Outgoing
 from gateway_echo._http import make_app
+from gateway_echo._sent import SentMessages
 from gateway_echo._terminal import Terminal, default_sender, terminal_wanted
 from gateway_echo._transcript import EchoReply, Transcripts
 
@@ -69,6 +70,7 @@ class EchoDriver(Driver):
         super().__init__(settings, context)
         # Kept across serve() calls, like a platform keeps its messages across reconnections.
         self._transcripts = Transcripts()
+        self._sent = SentMessages()
         self._url: str | None = None
         self._stop: asyncio.Event | None = None  # set by close(): the running serve() returns
         self._stopped: asyncio.Event | None = None  # set by serve() once it released everything
@@ -81,7 +83,7 @@ class EchoDriver(Driver):
             edits=True,
             streams=True,
             feedback=True,
-            proactive=False,
+            proactive=True,
             max_text_length=self.settings.max_text_length,
         )
 
@@ -101,7 +103,7 @@ class EchoDriver(Driver):
         stopped = self._stopped = asyncio.Event()
         host, port = self.settings.host, self.settings.port
         runner = web.AppRunner(
-            make_app(self.context, self._transcripts, stop),
+            make_app(self.context, self._transcripts, self._sent, stop),
             access_log=None,
             shutdown_timeout=_SHUTDOWN_TIMEOUT,
         )
@@ -147,6 +149,19 @@ class EchoDriver(Driver):
 
     def open_reply(self, message: Incoming) -> EchoReply:
         return EchoReply(self._transcripts, self._transcripts.open(message))
+
+    async def send(self, message: Outgoing) -> str:
+        # Echo's "platform" is local: the message is kept for GET /sent and shown in the log.
+        message_id = self._sent.add(message)
+        self.context.logger.info(
+            "echo: proactive message %s to %s %s: %s",
+            message_id,
+            message.target.value,
+            message.to,
+            message.text[:80],
+            extra={"event": "echo_sent"},
+        )
+        return message_id
 
     async def close(self) -> None:
         stop, stopped = self._stop, self._stopped

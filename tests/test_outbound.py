@@ -1,0 +1,207 @@
+"""The outbound API end to end: ``POST /v1/instances/{name}/messages`` on the real ``gateway run``
+(a subprocess, echo driver) and ``gateway send``: token handling, validation, idempotency, splitting,
+and the token kept out of every log and answer."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from test_cli import echo_instance, setup_folder, start_gateway
+from test_ops import get, samples
+
+from gateway_testkit.process import (
+    GatewayProcess,
+    GatewayProcesses,
+    free_port,
+    loopback_env,
+    run_cli,
+)
+
+TOKEN = "outbound-token-5d1c9f0e7a"
+
+
+@pytest.fixture
+def gateways(tmp_path: Path) -> Iterator[GatewayProcesses]:
+    with GatewayProcesses(tmp_path) as processes:
+        yield processes
+
+
+async def post(
+    url: str, body: Any, token: str | None = TOKEN, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any], Any]:
+    sent = dict(headers or {})
+    if token is not None:
+        sent["Authorization"] = f"Bearer {token}"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        kwargs: dict[str, Any] = {"data": body} if isinstance(body, str | bytes) else {"json": body}
+        async with session.post(url, headers=sent, **kwargs) as response:
+            return response.status, await response.json(), response.headers
+
+
+async def boot(
+    gateways: GatewayProcesses, root: Path, *, token: str | None, toml: str = ""
+) -> tuple[GatewayProcess, str, int]:
+    """A gateway with one echo instance ``bot`` (parts of at most 40 characters)."""
+    port = free_port()
+    instance = echo_instance(port, settings="max_text_length = 40\n")
+    setup_folder(root, {"bot": instance}, gateway_toml=f"[http]\nport = 0\n{toml}")
+    env = loopback_env({"GATEWAY_API_TOKEN": token}, drop=["GATEWAY_API_TOKEN"])
+    gateway = start_gateway(gateways, root, env=env, global_args=("--log-level", "debug"))
+    stderr = await gateway.wait_log("http endpoint listening on http://")
+    line = next(ln for ln in stderr.splitlines() if "http endpoint listening on" in ln)
+    await gateway.wait_log("echo listening on")
+    return gateway, line.rsplit(" ", 1)[1], port
+
+
+async def sent_messages(port: int) -> list[dict[str, Any]]:
+    status, body, _ = await get(f"http://127.0.0.1:{port}/sent")
+    assert status == 200
+    return list(body["messages"])
+
+
+async def test_send_auth_validation_idempotency_and_splitting(
+    tmp_path: Path, gateways: GatewayProcesses
+) -> None:
+    gateway, base, port = await boot(gateways, tmp_path, token=TOKEN)
+    url = f"{base}/v1/instances/bot/messages"
+    hello = {"to": "c9", "text": "hello from a cron job"}
+
+    # Authentication: none, wrong scheme, wrong token.
+    status, body, headers = await post(url, hello, token=None)
+    assert status == 401 and "bearer token" in body["error"]
+    assert headers["WWW-Authenticate"].startswith("Bearer")
+    assert (await post(url, hello, token="wrong-token"))[0] == 401
+    assert (await post(url, hello, token=None, headers={"Authorization": TOKEN}))[0] == 401
+    assert await sent_messages(port) == []
+
+    # Validation: each problem is a 400 naming the field; nothing is sent.
+    for bad, field in [
+        ("not json", "JSON object"),
+        (["a list"], "JSON object"),
+        ({"text": "no recipient"}, "'to'"),
+        ({"to": "c9"}, "'text'"),
+        ({"to": "c9", "text": "   "}, "'text'"),
+        ({"to": 7, "text": "x"}, "'to'"),
+        ({"to": "c9", "text": "x", "target": "channel"}, "'target'"),
+        ({"to": "c9", "text": "x", "format": "html"}, "'format'"),
+        ({"to": "c9", "text": "x", "colour": "red"}, "colour"),
+        ({"to": "c9", "text": "x", "title": 3}, "'title'"),
+    ]:
+        status, body, _ = await post(url, bad)
+        assert status == 400, (bad, body)
+        assert field in body["error"], (bad, body)
+    assert (await post(f"{base}/v1/instances/nobody/messages", hello))[0] == 404
+    assert await sent_messages(port) == []
+
+    # A plain send, to a user, as markdown.
+    status, body, headers = await post(
+        url, {**hello, "target": "user", "format": "markdown", "title": "Cron"}
+    )
+    assert status == 200, body
+    assert body["parts"] == 1 and body["replayed"] is False and body["target"] == "user"
+    assert "Idempotent-Replayed" not in headers
+    [first] = await sent_messages(port)
+    assert first["id"] == body["message_ids"][0]
+    assert (first["to"], first["target"], first["format"]) == ("c9", "user", "markdown")
+    assert first["text"] == hello["text"] and first["title"] == "Cron"
+
+    # Idempotency: the same key sends once; a retry gets the first answer; another text is a 409.
+    keyed = {"Idempotency-Key": "job-42"}
+    status, body, _ = await post(url, hello, headers=keyed)
+    assert status == 200 and body["replayed"] is False
+    status, again, headers = await post(url, hello, headers=keyed)
+    assert status == 200 and again["replayed"] is True
+    assert again["message_ids"] == body["message_ids"]
+    assert headers["Idempotent-Replayed"] == "true"
+    status, conflict, _ = await post(url, {**hello, "text": "other"}, headers=keyed)
+    assert status == 409 and "job-42" in conflict["error"]
+    # ... also given in the body
+    status, in_body, _ = await post(url, {**hello, "idempotency_key": "job-42"})
+    assert status == 200 and in_body["replayed"] is True
+    assert len(await sent_messages(port)) == 2
+
+    # A text longer than the driver's parts is split like an answer.
+    long_text = " ".join(f"word{i}" for i in range(30))
+    status, body, _ = await post(url, {"to": "c9", "text": long_text})
+    assert status == 200 and body["parts"] > 1
+    parts = (await sent_messages(port))[2:]
+    assert len(parts) == body["parts"] and all(len(p["text"]) <= 40 for p in parts)
+    assert " ".join(p["text"].strip() for p in parts).split() == long_text.split()
+
+    metrics = samples((await get(f"{base}/metrics"))[2])
+    assert metrics[
+        ("gateway_messages_total", (("instance", "bot"), ("outcome", "sent")))
+    ] == 2 + len(parts)
+
+    gateway.send(signal.SIGTERM)
+    assert await gateway.wait_exit(10) == 0, gateway.describe()
+    assert TOKEN not in gateway.stderr + gateway.stdout
+
+
+async def test_sending_is_off_without_a_token(tmp_path: Path, gateways: GatewayProcesses) -> None:
+    gateway, base, port = await boot(gateways, tmp_path, token=None)
+    status, body, _ = await post(f"{base}/v1/instances/bot/messages", {"to": "c", "text": "x"})
+    assert status == 404 and "GATEWAY_API_TOKEN" in body["error"]
+    assert await sent_messages(port) == []
+    gateway.send(signal.SIGTERM)
+    assert await gateway.wait_exit(10) == 0, gateway.describe()
+
+
+async def test_the_token_can_come_from_gateway_toml(
+    tmp_path: Path, gateways: GatewayProcesses
+) -> None:
+    toml = 'token = "${MY_SEND_TOKEN}"\n'
+    port = free_port()
+    setup_folder(tmp_path, {"bot": echo_instance(port)}, gateway_toml=f"[http]\nport = 0\n{toml}")
+    env = loopback_env({"MY_SEND_TOKEN": TOKEN}, drop=["GATEWAY_API_TOKEN"])
+    gateway = start_gateway(gateways, tmp_path, env=env)
+    stderr = await gateway.wait_log("http endpoint listening on http://")
+    base = next(ln for ln in stderr.splitlines() if "listening on http" in ln).rsplit(" ", 1)[1]
+    await gateway.wait_log("echo listening on")
+    status, body, _ = await post(f"{base}/v1/instances/bot/messages", {"to": "c", "text": "hi"})
+    assert status == 200, body
+    gateway.send(signal.SIGTERM)
+    assert await gateway.wait_exit(10) == 0, gateway.describe()
+
+
+async def test_gateway_send_command(tmp_path: Path, gateways: GatewayProcesses) -> None:
+    gateway, base, port = await boot(gateways, tmp_path, token=TOKEN)
+    env = loopback_env({"GATEWAY_API_TOKEN": TOKEN})
+
+    def send(*args: str, env: dict[str, str] = env) -> Any:
+        return run_cli("send", *args, "--url", base, cwd=tmp_path, env=env)
+
+    result = await asyncio.to_thread(send, "bot", "--to", "c1", "--key", "k1", "hello there")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("sent: 1 part(s) to c1 via bot")
+    result = await asyncio.to_thread(send, "bot", "--to", "c1", "--key", "k1", "hello there")
+    assert result.returncode == 0 and result.stdout.startswith("already sent"), result.stdout
+    result = await asyncio.to_thread(send, "bot", "--to", "u7", "--user", "--markdown", "**hi**")
+    assert result.returncode == 0, result.stderr
+    sent = await sent_messages(port)
+    assert [(m["to"], m["target"], m["format"], m["text"]) for m in sent] == [
+        ("c1", "conversation", "text", "hello there"),
+        ("u7", "user", "markdown", "**hi**"),
+    ]
+
+    refused = await asyncio.to_thread(send, "nobody", "--to", "c1", "x")
+    assert refused.returncode == 1 and "HTTP 404" in refused.stderr
+    wrong = await asyncio.to_thread(
+        send, "bot", "--to", "c1", "x", env=loopback_env({"GATEWAY_API_TOKEN": "not-it"})
+    )
+    assert wrong.returncode == 1 and "HTTP 401" in wrong.stderr
+    missing = await asyncio.to_thread(
+        send, "bot", "--to", "c1", "x", env=loopback_env(drop=["GATEWAY_API_TOKEN"])
+    )
+    assert missing.returncode == 2 and "GATEWAY_API_TOKEN" in missing.stderr
+    for result in (refused, wrong, missing):
+        assert "Traceback" not in result.stderr and TOKEN not in result.stderr
+
+    gateway.send(signal.SIGTERM)
+    assert await gateway.wait_exit(10) == 0, gateway.describe()
