@@ -1,8 +1,45 @@
-"""DingTalk tests: the emulator's fixtures (``dingtalk_emulator``, ``dingtalk_emulator_factory``).
+"""DingTalk tests: the emulator's fixtures (``dingtalk_emulator``, ``dingtalk_emulator_factory``), and
+for the tests that run the real ``gateway`` command: an app of their own (``app``, secret
+:data:`SECRET`), an emulator knowing it (``emu``) and the process starter (``gateways``).
 
 ``pytest_plugins`` is only allowed in the root conftest, so the fixtures are imported here.
 """
 
-from gateway_dingtalk.emulator.fixture import dingtalk_emulator, dingtalk_emulator_factory
+from __future__ import annotations
 
-__all__ = ["dingtalk_emulator", "dingtalk_emulator_factory"]
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway_dingtalk.emulator import DingTalkEmulator
+from gateway_dingtalk.emulator.fixture import dingtalk_emulator, dingtalk_emulator_factory
+from gateway_testkit.dingtalk import TEMPLATE, TEMPLATE_VARIABLES
+from gateway_testkit.process import GatewayProcesses
+
+__all__ = ["SECRET", "app", "dingtalk_emulator", "dingtalk_emulator_factory", "emu", "gateways"]
+
+#: the client secret of ``app`` (a test scans logs for it)
+SECRET = "cli-dt-secret-94b1e0c3"
+
+
+@pytest.fixture
+def app() -> str:
+    return f"dingcli{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def emu(
+    app: str, dingtalk_emulator_factory: Callable[..., Awaitable[DingTalkEmulator]]
+) -> DingTalkEmulator:
+    return await dingtalk_emulator_factory(
+        apps={app: SECRET}, templates={TEMPLATE: TEMPLATE_VARIABLES}, ack_timeout=2.0
+    )
+
+
+@pytest.fixture
+def gateways(tmp_path: Path) -> Iterator[GatewayProcesses]:
+    """Starts ``gateway`` processes; kills every one still running at teardown."""
+    with GatewayProcesses(tmp_path) as processes:
+        yield processes

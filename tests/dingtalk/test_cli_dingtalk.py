@@ -9,40 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import pytest
-
+from dingtalk.conftest import SECRET
 from gateway_dingtalk.emulator import CardState, DingTalkEmulator, SentMessage
-from gateway_testkit.dingtalk import TEMPLATE, TEMPLATE_VARIABLES, reply_id_for
+from gateway_testkit.dingtalk import TEMPLATE, reply_id_for
 from gateway_testkit.process import GatewayProcess, GatewayProcesses, loopback_env
 
-SECRET = "cli-dt-secret-94b1e0c3"
 CREATE = "/v1.0/card/instances/createAndDeliver"
 INTERRUPTED = "The answer was interrupted because the gateway is stopping."
 
 Factory = Callable[..., Awaitable[DingTalkEmulator]]
-
-
-@pytest.fixture
-def app() -> str:
-    return f"dingcli{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-async def emu(app: str, dingtalk_emulator_factory: Factory) -> DingTalkEmulator:
-    return await dingtalk_emulator_factory(
-        apps={app: SECRET}, templates={TEMPLATE: TEMPLATE_VARIABLES}, ack_timeout=2.0
-    )
-
-
-@pytest.fixture
-def gateways(tmp_path: Path) -> Iterator[GatewayProcesses]:
-    """Starts ``gateway`` processes; kills every one still running at teardown."""
-    with GatewayProcesses(tmp_path) as processes:
-        yield processes
 
 
 def setup_folder(
