@@ -675,7 +675,7 @@ def test_capabilities_follow_the_settings() -> None:
     driver = EchoDriver(EchoSettings(max_text_length=500), FakeContext(Path(".")))
     capabilities = driver.capabilities
     assert (capabilities.edits, capabilities.streams, capabilities.feedback) == (True, True, True)
-    assert not capabilities.proactive
+    assert capabilities.proactive  # GET /sent shows what it sent
     assert capabilities.max_text_length == 500
     assert driver.url is None
 
