@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
+import functools
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any, ClassVar, TypeVar
 
@@ -99,9 +102,28 @@ class Agent(abc.ABC):
         """Release resources (HTTP sessions...).  Called once when the instance stops."""
 
 
+#: Upper bound of agent worker threads.  Threads start only when needed, so this costs nothing
+#: unused; the real limit is each instance's ``concurrency``.  asyncio's default pool
+#: (``min(32, cpus + 4)``: 6 threads on two cores) would cap blocking agents at 6 turns at once,
+#: whatever the setting, and a thread that hangs past its timeout would hold a slot for good.
+AGENT_THREADS = 512
+_executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def agent_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """The worker threads of blocking agent code (sync callables and generators)."""
+    global _executor
+    if _executor is None:
+        _executor = concurrent.futures.ThreadPoolExecutor(AGENT_THREADS, "agent")
+    return _executor
+
+
 async def call_in_thread(func: Callable[..., T], *args: Any) -> T:
-    """Run a blocking callable in a worker thread."""
-    return await asyncio.to_thread(func, *args)
+    """Run a blocking callable in an agent worker thread (with the caller's context, so its log
+    lines name the instance)."""
+    context = contextvars.copy_context()
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(agent_executor(), functools.partial(context.run, func, *args))
 
 
 _DONE = object()
@@ -111,10 +133,10 @@ async def iterate_in_thread(iterable: Iterable[T]) -> AsyncIterator[T]:
     """Iterate a blocking iterable (a sync generator) in worker threads, yielding on the loop."""
     iterator: Iterator[T] = iter(iterable)
     while True:
-        item = await asyncio.to_thread(next, iterator, _DONE)
+        item = await call_in_thread(next, iterator, _DONE)
         if item is _DONE:
             return
-        yield item  # type: ignore[misc]
+        yield item
 
 
 async def stream_answer(

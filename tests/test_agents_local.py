@@ -416,3 +416,31 @@ async def test_jitai_adapter_custom_params() -> None:
     answer = from_stream_callback(run, params=lambda request: {"input": request.text})
     assert await collect(answer(make_request("x"))) == ["ok"]
     assert seen == [{"input": "x"}]
+
+
+async def test_blocking_agent_code_is_not_capped_by_the_default_thread_pool() -> None:
+    # asyncio's default pool has min(32, cpus + 4) threads: 6 on two cores.  Forty blocking calls
+    # that each wait for all the others can only finish if they all run at once.
+    from gateway.agent import call_in_thread, iterate_in_thread
+
+    calls = 40
+    barrier = threading.Barrier(calls, timeout=10)
+    names: set[str] = set()
+
+    def blocking() -> str:
+        barrier.wait()
+        names.add(threading.current_thread().name)
+        return "ok"
+
+    def generator() -> Any:
+        yield blocking()
+
+    async def through_generator() -> str:
+        return "".join([chunk async for chunk in iterate_in_thread(generator())])
+
+    results = await asyncio.gather(
+        *(call_in_thread(blocking) for _ in range(calls // 2)),
+        *(through_generator() for _ in range(calls - calls // 2)),
+    )
+    assert results == ["ok"] * calls
+    assert all(name.startswith("agent") for name in names)

@@ -29,7 +29,7 @@ loop through ``loop.call_soon_threadsafe``.  In essence::
                 agent.run({"question": request.text}, request.session_key, put)
             finally:
                 put(DONE)
-        done = loop.run_in_executor(None, work)
+        done = loop.run_in_executor(agent_executor(), work)
         while (chunk := await queue.get()) is not DONE:
             yield chunk
         await done  # re-raises what run raised
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import importlib
 import inspect
@@ -51,7 +52,13 @@ from typing import Any
 
 import attrs
 
-from gateway.agent import Agent, AgentRequest, call_in_thread, iterate_in_thread
+from gateway.agent import (
+    Agent,
+    AgentRequest,
+    agent_executor,
+    call_in_thread,
+    iterate_in_thread,
+)
 from gateway.errors import AgentError
 
 __all__ = [
@@ -241,7 +248,7 @@ def from_stream_callback(
             finally:
                 put(_DONE)
 
-        done = loop.run_in_executor(None, work)
+        done = loop.run_in_executor(agent_executor(), contextvars.copy_context().run, work)
         # If we stop listening early, still retrieve the outcome so asyncio does not log it.
         done.add_done_callback(lambda f: f.cancelled() or f.exception())
         streamed = False
