@@ -129,8 +129,10 @@ class ReplyStream:
                 await self._show(self._text)
                 self._updates += 1
         assert self._final is not None
-        if self._editable:
-            # The final edit respects the pacing interval too: platforms limit edits per message.
+        if self._editable and self._updates:
+            # The final edit respects the pacing interval after an update: platforms limit edits
+            # per message.  Straight after the placeholder it does not wait: a quick answer would
+            # sit on "thinking…" for a whole interval, and waiting saves no call.
             delay = self._last_call + self._policy.interval - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)

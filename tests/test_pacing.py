@@ -83,6 +83,27 @@ async def test_update_cap_keeps_the_last_for_the_final_text() -> None:
     assert channel.log[-1] == (0, "finish", "x" * 30, True)
 
 
+async def test_a_quick_answer_replaces_the_placeholder_without_waiting_an_interval() -> None:
+    channel = RecordingChannel()
+    stream = make(channel, interval=30.0)
+    stream.push("quick")
+    # Only the wait for the first update would take 30 s; the final text is not held back by it.
+    await asyncio.wait_for(stream.finish("quick answer"), 5)
+    assert [entry[1] for entry in channel.log] == ["start", "finish"]
+    assert channel.log[-1] == (0, "finish", "quick answer", True)
+
+
+async def test_after_an_update_the_final_edit_waits_for_the_interval() -> None:
+    channel = RecordingChannel()
+    stream = make(channel, interval=30.0, every_chunks=1)
+    stream.push("first")
+    await asyncio.sleep(0.05)
+    assert len(channel.calls("update")) == 1
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(stream.finish("final")), 0.3)
+    assert [entry[1] for entry in channel.log] == ["start", "update"]
+
+
 async def test_chunk_trigger_updates_before_the_interval() -> None:
     channel = RecordingChannel()
     stream = make(channel, interval=30.0, every_chunks=2)

@@ -118,6 +118,12 @@ class _Paced:
             await asyncio.sleep(delay)
         self._last = time.monotonic()
 
+    def created(self) -> None:
+        """The card was just created: its first edit need not wait (DingTalk's own tutorial
+        streams right after ``createAndDeliver``; the limit is on edits, and calls for one card
+        are serialised anyway)."""
+        self._last = float("-inf")
+
 
 class MessageReply(ReplyChannel):
     """Markdown or text messages: nothing to show until a part is complete."""
@@ -340,6 +346,7 @@ class AICardReply(ReplyChannel):
             return False
         self._health.ok()
         self._created = True
+        self._pace.created()
         return False
 
     def _degrade(self, exc: Exception) -> None:
