@@ -1,0 +1,297 @@
+"""Reply channels: a CardKit streaming card, or plain messages.
+
+* :class:`CardReply` — the CardKit flow: create a card entity (JSON 2.0, ``streaming_mode`` on, one
+  markdown element showing the "thinking" text), send it as a reply to the user's message *by
+  reference* (``{"type": "card", "data": {"card_id": ...}}``, with a ``uuid`` derived from the
+  reply id, so a resumed reply is not sent twice), replace the element's content with the full text
+  on every update, and end by turning ``streaming_mode`` off; with feedback, a last full update
+  adds the buttons (callback behaviours carrying ``{reply_id, rating}``).  Every operation on a
+  card carries a strictly increasing ``sequence`` (see ``_cardstore``) and is paced per card
+  (Feishu allows 10 operations a second on one card).
+* :class:`MessageReply` — one message per part (a ``post`` whose ``md`` element renders markdown),
+  for ``reply_mode = "text"`` and as the fallback when a card cannot be made: the user gets a plain
+  answer rather than none.  Cards that keep failing make the driver skip them for a while (the
+  driver's :class:`~gateway.breaker.Breaker`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from typing import Any
+
+import attrs
+
+from gateway.breaker import Breaker
+from gateway.driver import ReplyChannel
+from gateway.models import Incoming
+from gateway.ratelimit import TokenBucket
+from gateway_feishu._cardstore import CardRecord, CardStore, Sequence
+from gateway_feishu._openapi import OpenApi
+from gateway_feishu.settings import FeishuSettings
+
+__all__ = [
+    "ANSWER_ELEMENT",
+    "CardReply",
+    "MessageReply",
+    "message_content",
+    "send_uuid",
+]
+
+#: The element id of the streamed markdown in every card (CardKit addresses elements by id).
+ANSWER_ELEMENT = "answer"
+_CARDS = "/open-apis/cardkit/v1/cards"
+_SUMMARY_LENGTH = 60
+
+
+def send_uuid(key: str) -> str:
+    """Feishu's ``uuid`` for a send (deduplicated by Feishu for an hour; at most 50 characters)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:40]
+
+
+def message_content(text: str, *, markdown: bool, title: str = "") -> tuple[str, str]:
+    """``(msg_type, content)`` of a message showing ``text``: a ``post`` whose ``md`` element
+    renders markdown, or plain ``text``."""
+    if not markdown:
+        return "text", json.dumps({"text": text}, ensure_ascii=False)
+    post = {"zh_cn": {"title": title, "content": [[{"tag": "md", "text": text}]]}}
+    return "post", json.dumps(post, ensure_ascii=False)
+
+
+@attrs.frozen
+class ReplyTools:
+    """What every reply channel of one driver shares."""
+
+    api: OpenApi
+    settings: FeishuSettings
+    store: CardStore
+    breaker: Breaker
+    log: logging.LoggerAdapter[logging.Logger]
+
+
+class MessageReply(ReplyChannel):
+    """Messages: nothing to show until a part is complete."""
+
+    def __init__(self, tools: ReplyTools, message: Incoming, index: int = 0) -> None:
+        self._tools = tools
+        self._message = message
+        self._index = index
+
+    async def start(self) -> None:
+        return None
+
+    async def update(self, text: str) -> None:
+        return None
+
+    async def finish(self, text: str, *, last: bool, feedback: bool) -> None:
+        await self.send(text)
+
+    async def fail(self, text: str, error: str) -> None:
+        await self.send(_with_error(text, error, self._tools.settings))
+
+    def follow_up(self, index: int) -> MessageReply:
+        return MessageReply(self._tools, self._message, index)
+
+    async def send(self, text: str) -> None:
+        msg_type, content = message_content(text, markdown=True)
+        key = f"{self._message.reply_id}.{self._index}.message"
+        await self._tools.api.call(
+            "POST",
+            f"/open-apis/im/v1/messages/{self._message.message_id}/reply",
+            {"msg_type": msg_type, "content": content, "uuid": send_uuid(key)},
+        )
+
+
+class CardReply(ReplyChannel):
+    def __init__(self, tools: ReplyTools, message: Incoming, index: int = 0) -> None:
+        self._tools = tools
+        self._message = message
+        self._index = index
+        self.key = f"{message.reply_id}.{index}"
+        self._record: CardRecord | None = None
+        self._sequence: Sequence | None = None
+        interval = tools.settings.card_update_interval
+        # Feishu limits operations per card; one bucket per card keeps them apart.
+        self._pace = TokenBucket(1 / interval, burst=1) if interval > 0 else None
+        # Set when the card could not be made: the rest of this reply goes out as a message.
+        self._fallback: MessageReply | None = None
+
+    @property
+    def card_id(self) -> str:
+        return self._record.card_id if self._record is not None else ""
+
+    async def start(self) -> None:
+        await self._ensure_card(self._tools.settings.thinking_text)
+
+    async def update(self, text: str) -> None:
+        if await self._ensure_card(text) and self._fallback is None:
+            await self._content(text)
+
+    async def finish(self, text: str, *, last: bool, feedback: bool) -> None:
+        await self._end(text, buttons=feedback)
+
+    async def fail(self, text: str, error: str) -> None:
+        await self._end(_with_error(text, error, self._tools.settings), buttons=False)
+
+    def follow_up(self, index: int) -> CardReply:
+        return CardReply(self._tools, self._message, index)
+
+    async def _end(self, text: str, *, buttons: bool) -> None:
+        await self._ensure_card(text)
+        if self._fallback is None:
+            try:
+                await self._content(text)
+                await self._streaming(False, summary=text)
+            except Exception as exc:
+                # The answer must reach the user even when the card cannot take it.
+                self._degrade(exc)
+        if self._fallback is not None:
+            await self._fallback.finish(text, last=True, feedback=False)
+            return
+        if buttons:
+            try:
+                await self._card_op("PUT", "", {"card": _card(self._final(text))})
+            except Exception as exc:
+                # The answer is final already; only the buttons are missing.
+                self._tools.log.warning(
+                    "feedback buttons not shown on card %s: %s: %s",
+                    self.card_id,
+                    type(exc).__name__,
+                    exc,
+                    extra={"event": "card_failed"},
+                )
+
+    async def _ensure_card(self, initial: str) -> bool:
+        """Make and send the card on first use; True if it existed already (``initial`` not shown).
+
+        A card recorded before a restart is reused: its streaming mode is switched on again (it may
+        have been finished just before the crash) and it is sent if it was not yet."""
+        if self._record is not None or self._fallback is not None:
+            return True
+        tools = self._tools
+        if tools.breaker.open:
+            self._fallback = MessageReply(tools, self._message, self._index)
+            return False
+        existed = True
+        try:
+            record = await tools.store.get(self.key)
+            if record is None:
+                existed = False
+                data = await self._call("POST", _CARDS, _card(self._thinking(initial)))
+                record = CardRecord.new(str(data["card_id"]))
+                await tools.store.put(self.key, record)
+            self._record = record
+            self._sequence = Sequence(record.created)
+            if existed:
+                await self._streaming(True)
+            if not record.message_id:
+                content = {"type": "card", "data": {"card_id": record.card_id}}
+                sent = await self._call(
+                    "POST",
+                    f"/open-apis/im/v1/messages/{self._message.message_id}/reply",
+                    {
+                        "msg_type": "interactive",
+                        "content": json.dumps(content),
+                        "uuid": send_uuid(self.key),
+                    },
+                )
+                self._record = attrs.evolve(record, message_id=str(sent.get("message_id", "-")))
+                await tools.store.put(self.key, self._record)
+        except Exception as exc:
+            self._record = None
+            self._degrade(exc)
+            return False
+        tools.breaker.success()
+        return existed
+
+    def _degrade(self, exc: Exception) -> None:
+        tools = self._tools
+        self._fallback = MessageReply(tools, self._message, self._index)
+        tools.log.warning(
+            "card call failed (%s: %s); this reply continues as a message",
+            type(exc).__name__,
+            exc,
+            extra={"event": "card_failed"},
+        )
+        if tools.breaker.failure():
+            tools.log.warning(
+                "%d card failures in a row: answering with messages for %g s",
+                tools.breaker.threshold,
+                tools.breaker.cooldown,
+                extra={"event": "cards_degraded"},
+            )
+
+    async def _content(self, text: str) -> None:
+        await self._card_op("PUT", f"/elements/{ANSWER_ELEMENT}/content", {"content": text})
+
+    async def _streaming(self, on: bool, summary: str = "") -> None:
+        config: dict[str, Any] = {"streaming_mode": on}
+        if summary:
+            config["summary"] = {"content": _summary(summary)}
+        settings = json.dumps({"config": config}, ensure_ascii=False)
+        await self._card_op("PATCH", "/settings", {"settings": settings})
+
+    async def _card_op(self, method: str, suffix: str, body: dict[str, Any]) -> None:
+        """One operation on the card, with the next sequence number and its own ``uuid``; its
+        retries repeat both, so an attempt that landed unseen is a replay, not a conflict."""
+        assert self._sequence is not None and self._record is not None
+        body = {**body, "sequence": self._sequence.next(), "uuid": str(uuid.uuid4())}
+        await self._call(method, f"{_CARDS}/{self._record.card_id}{suffix}", body)
+
+    async def _call(self, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        if self._pace is not None:
+            await self._pace.acquire()
+        return await self._tools.api.call(method, path, body)
+
+    def _thinking(self, text: str) -> dict[str, Any]:
+        return {
+            "schema": "2.0",
+            "config": {"streaming_mode": True, "summary": {"content": _summary(text)}},
+            "body": {"elements": [_markdown(text)]},
+        }
+
+    def _final(self, text: str) -> dict[str, Any]:
+        s = self._tools.settings
+        buttons = [
+            {
+                "tag": "button",
+                "element_id": f"feedback_{i}",
+                "type": "default",
+                "size": "small",
+                "text": {"tag": "plain_text", "content": label},
+                "behaviors": [
+                    {
+                        "type": "callback",
+                        "value": {"reply_id": self._message.reply_id, "rating": value},
+                    }
+                ],
+            }
+            for i, (label, value) in enumerate(
+                zip(s.feedback_labels, s.feedback_values, strict=True)
+            )
+        ]
+        return {
+            "schema": "2.0",
+            "config": {"streaming_mode": False, "summary": {"content": _summary(text)}},
+            "body": {"elements": [_markdown(text), *buttons]},
+        }
+
+
+def _markdown(text: str) -> dict[str, Any]:
+    return {"tag": "markdown", "element_id": ANSWER_ELEMENT, "content": text}
+
+
+def _card(card: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "card_json", "data": json.dumps(card, ensure_ascii=False)}
+
+
+def _summary(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line[:_SUMMARY_LENGTH]
+
+
+def _with_error(text: str, error: str, settings: FeishuSettings) -> str:
+    note = f"{settings.error_prefix} {error}".strip()
+    return f"{text}\n\n> {note}" if text else note

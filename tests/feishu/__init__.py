@@ -1,0 +1,1 @@
+"""Tests of the Feishu plugin: emulator, driver and the lark-oapi oracle."""
