@@ -8,6 +8,7 @@ from a wire format.
 from __future__ import annotations
 
 import enum
+import re
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -51,6 +52,27 @@ class Attachment:
     name: str = ""
     url: str = attrs.field(default="", repr=False)
     mime_type: str = ""
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _clean(value: Any) -> Any:
+    """``value`` with every lone surrogate replaced by U+FFFD, in nested data and attrs objects too.
+
+    A platform's JSON may carry one (``\\ud83d``: half of an emoji cut at a length limit, or
+    hostile input).  It has no UTF-8 form, so the inbox could not store the message, the driver
+    would not acknowledge it, and the platform would deliver it again forever."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, Mapping):
+        return {_clean(key): _clean(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(item) for item in value]
+    if attrs.has(type(value)):
+        fields = attrs.fields(type(value))
+        return attrs.evolve(value, **{f.name: _clean(getattr(value, f.name)) for f in fields})
+    return value
 
 
 def _mentions(items: Iterable[Any]) -> tuple[Mention, ...]:
@@ -103,15 +125,15 @@ class Incoming:
             raise ValueError("an incoming message needs the platform's message id")
         return cls(
             instance=instance,
-            message_id=message_id,
-            conversation_id=conversation_id,
+            message_id=_clean(message_id),
+            conversation_id=_clean(conversation_id),
             conversation_kind=ConversationKind(conversation_kind),
-            sender_id=sender_id,
-            sender_name=sender_name,
-            text=text,
-            mentions=tuple(mentions),
-            attachments=tuple(attachments),
-            raw=dict(raw or {}),
+            sender_id=_clean(sender_id),
+            sender_name=_clean(sender_name),
+            text=_clean(text),
+            mentions=_clean(list(mentions)),
+            attachments=_clean(list(attachments)),
+            raw=_clean(dict(raw or {})),
             received_at=time.time() if received_at is None else received_at,
         )
 

@@ -29,7 +29,7 @@ import attrs
 
 from gateway.agent import Agent
 from gateway.config.envsubst import environment, substitute
-from gateway.config.schema import Problems, Unresolved, structure
+from gateway.config.schema import MAX_DEPTH, Problems, Unresolved, structure, too_deep
 from gateway.driver import Driver
 from gateway.errors import ConfigError, ConfigProblem, PluginError
 from gateway.plugins import PluginRegistry
@@ -375,11 +375,20 @@ def _parse(path: Path, found: Problems) -> dict[str, Any] | None:
         return None
     try:
         data = tomllib.loads(raw.decode()) if path.suffix == ".toml" else json.loads(raw)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+    # RecursionError: arrays or tables nested deeper than the parser recurses.
+    except (
+        tomllib.TOMLDecodeError,
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+        RecursionError,
+    ) as exc:
         found.append(("", f"not valid {path.suffix[1:].upper()}: {exc}"))
         return None
     if not isinstance(data, dict):
         found.append(("", "expected a table at the top level"))
+        return None
+    if too_deep(data):
+        found.append(("", f"tables or arrays nested more than {MAX_DEPTH} levels deep"))
         return None
     return data
 

@@ -10,7 +10,7 @@ from typing import Literal
 import attrs
 
 from gateway.config.envsubst import environment, substitute
-from gateway.config.schema import Problems, structure
+from gateway.config.schema import MAX_DEPTH, Problems, structure, too_deep
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.secrets import Secret
 
@@ -105,8 +105,11 @@ def load_process_settings(
     found: Problems = []
     try:
         data = tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
         raise ConfigError([ConfigProblem(file, "", f"cannot read TOML: {exc}")]) from exc
+    if too_deep(data):
+        message = f"tables or arrays nested more than {MAX_DEPTH} levels deep"
+        raise ConfigError([ConfigProblem(file, "", message)])
     data = substitute(data, env, "", found, allow_missing=False)
     settings = structure(ProcessSettings, data, "", found) if not found else None
     if settings is None:

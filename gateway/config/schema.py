@@ -20,7 +20,16 @@ import attrs
 
 from gateway.secrets import Secret
 
-__all__ = ["Problems", "Substituted", "Unresolved", "describe_type", "field_help", "structure"]
+__all__ = [
+    "MAX_DEPTH",
+    "Problems",
+    "Substituted",
+    "Unresolved",
+    "describe_type",
+    "field_help",
+    "structure",
+    "too_deep",
+]
 
 Problems = list[tuple[str, str]]  # (key path, message)
 
@@ -48,6 +57,25 @@ class Substituted(str):
 _MISSING = object()
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
+
+
+#: Deeper than any real file nests: substitution and validation recurse once per level and must
+#: not run out of stack (``gateway check`` once crashed on a file nested a few hundred deep).
+MAX_DEPTH = 32
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``value`` nests tables or arrays more than ``limit`` levels deep (no recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, Mapping):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+    return False
 
 
 def field_help(field: attrs.Attribute[Any]) -> str:

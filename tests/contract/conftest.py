@@ -11,11 +11,13 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from gateway_testkit.dingtalk import DingTalkHarness
+from gateway_testkit.feishu import FeishuHarness
 from gateway_testkit.harness import EchoHarness, PlatformHarness
 
 HARNESSES: dict[str, Callable[[], PlatformHarness]] = {
     "echo": EchoHarness,
     "dingtalk-stream": DingTalkHarness,
+    "feishu": FeishuHarness,
 }
 
 

@@ -130,7 +130,11 @@ async def test_feedback_clicks_are_recorded(
         while not (rows := await gateway.feedback.rows("bot")) or rows[0].rating != "unhelpful":
             await asyncio.sleep(0.02)
     [row] = rows
-    assert (row.user_id, row.question, row.answer) == ("carol", "rate me", "rate me")
+    assert (row.user_id, row.question, row.answer) == (
+        harness.user_id("carol"),
+        "rate me",
+        "rate me",
+    )
 
 
 async def test_a_message_stored_before_a_crash_is_answered_on_start(

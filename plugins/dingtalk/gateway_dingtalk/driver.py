@@ -185,7 +185,7 @@ class DingTalkDriver(Driver):
             elif msg.type is aiohttp.WSMsgType.ERROR:
                 if self._closing:
                     return
-                raise ConnectionLost(f"stream failed: {ws.exception()}")
+                raise ConnectionLost(f"stream failed: {ws.exception() or msg.data}")
             # BINARY and control frames carry nothing for us.
 
     async def close(self) -> None:
@@ -213,7 +213,8 @@ class DingTalkDriver(Driver):
             headers = frame.get("headers") or {}
             frame_id = str(headers["messageId"]) if "messageId" in headers else ""
             topic = headers.get("topic", "")
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        # RecursionError: JSON nested thousands deep, which json.loads gives up on.
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             self._log.warning("ignoring a malformed frame (%s)", exc, extra={"event": "bad_frame"})
             return
         if kind == SystemMessage.TYPE:
@@ -236,7 +237,7 @@ class DingTalkDriver(Driver):
     ) -> None:
         try:
             message = SystemMessage.from_dict(frame)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RecursionError) as exc:
             self._log.warning("ignoring a malformed system frame (%s)", exc)
             return
         if topic == "ping":
@@ -255,7 +256,7 @@ class DingTalkDriver(Driver):
         try:
             data = CallbackMessage.from_dict(frame).data
             message = incoming_from_dingtalk(self.context.instance, data, frame_id)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             # A payload we cannot answer: acknowledge it, a redelivery would be the same.
             self._log.warning(
                 "acknowledging an unreadable robot message (frame %s): %s: %s",
@@ -309,7 +310,7 @@ class DingTalkDriver(Driver):
                 response = self._feedback_response(rating)
             else:
                 self._log.info("card click without a known rating ignored: %s", actions)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             self._log.warning(
                 "ignoring an unreadable card callback: %s: %s", type(exc).__name__, exc
             )

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import time
+import uuid
 from typing import Any
 
 from gateway.models import Incoming
-from gateway_dingtalk._payload import incoming_from_dingtalk
-from gateway_dingtalk.emulator import DEFAULT_APP, DEFAULT_SECRET, DingTalkEmulator
-from gateway_testkit.harness import PlatformHarness, ReplyView
+from gateway_dingtalk._payload import TOPIC_BOT, incoming_from_dingtalk
+from gateway_dingtalk.emulator import DEFAULT_APP, DEFAULT_SECRET, DingTalkEmulator, EmulatorError
+from gateway_dingtalk.emulator._payloads import new_msg_id
+from gateway_testkit.harness import (
+    ApiFault,
+    FaultInjection,
+    ReplyRecord,
+    ReplyView,
+    pushed_again_if_cut,
+)
 
 __all__ = ["TEMPLATE", "TEMPLATE_VARIABLES", "DingTalkHarness", "dingtalk_settings", "reply_id_for"]
 
@@ -57,7 +68,24 @@ def _showed_feedback(card: Any) -> bool:
     return any(update.changes.get("feedback") == "1" for update in card.history)
 
 
-class DingTalkHarness(PlatformHarness):
+#: the reply API: AI cards (create, deliver, update, streaming); tokens and connections excluded
+_CARD_API = "/v1.0/card"
+#: how DingTalk answers each fault (status, code); 400 InvalidAuthentication is its expired token
+_API_FAULTS: dict[ApiFault, tuple[int, str | None]] = {
+    "token_expired": (400, "InvalidAuthentication"),
+    "rate_limited": (403, None),  # the emulator's default 403 is the QpsLimit answer
+    "server_error": (500, None),
+}
+#: seconds the emulator waits after SYSTEM/disconnect before closing a connection itself
+_DISCONNECT_GRACE = 5.0
+
+
+def _connection_went_away(error: Exception) -> bool:
+    """The emulator's push failed because the connection it chose died under it."""
+    return isinstance(error, EmulatorError) and "went away" in str(error)
+
+
+class DingTalkHarness(FaultInjection):
     driver_type = "dingtalk-stream"
     max_text_length = 150
 
@@ -87,11 +115,15 @@ class DingTalkHarness(PlatformHarness):
     async def send(
         self, text: str, *, sender: str = "u1", conversation: str = "c1", message_id: str = ""
     ) -> str:
-        sent = await self.emulator.send_message(
-            text=text, sender_staff_id=sender, msg_id=message_id or None
+        message_id = message_id or new_msg_id()
+        await pushed_again_if_cut(
+            lambda: self.emulator.send_message(
+                text=text, sender_staff_id=sender, msg_id=message_id
+            ),
+            _connection_went_away,
         )
-        await self.emulator.wait_acked(sent.msg_id, timeout=10)
-        return sent.msg_id
+        await self.emulator.wait_acked(message_id, timeout=10)
+        return message_id
 
     async def redeliver(self, message_id: str) -> None:
         push = await self.emulator.redeliver(message_id)
@@ -135,3 +167,86 @@ class DingTalkHarness(PlatformHarness):
     def leftover(self, message_id: str, text: str) -> Incoming:
         data = self.emulator.message(text=text, msg_id=message_id)
         return incoming_from_dingtalk(self.instance, data, frame_id="lost-frame")
+
+    # -- FaultInjection ------------------------------------------------------------------------
+
+    def connections(self) -> int:
+        return sum(1 for conn in self.emulator.connections if not conn.draining)
+
+    async def drop_connections(self) -> int:
+        return await self.emulator.drop_connections()
+
+    async def server_disconnect(self) -> int:
+        ids = await self.emulator.send_disconnect(close_after=_DISCONNECT_GRACE)
+        return len(ids)
+
+    def refuse_connections(self, refuse: bool) -> None:
+        self.emulator.refuse_connections = refuse
+
+    async def restart(self) -> None:
+        await self.emulator.close()
+        await self.emulator.start()  # the port it got the first time
+
+    def redeliver_unacked_after(self, seconds: float) -> None:
+        self.emulator.ack_timeout = seconds
+        # DingTalk's own schedule gives up after a few tries; the contract asks for "until ACKed",
+        # and a large count keeps every redelivery loop bounded by the test's lifetime anyway.
+        self.emulator.max_redeliveries = 1_000_000
+
+    def fail_next_api_calls(self, count: int, fault: ApiFault) -> None:
+        status, code = _API_FAULTS[fault]
+        self.emulator.fail_next(_CARD_API, count=count, status=status, code=code)
+
+    def set_api_latency(self, seconds: float) -> None:
+        self.emulator.latency = seconds
+
+    def set_rate_limit(self, per_second: float | None) -> None:
+        self.emulator.qps_limit = per_second
+
+    def rate_limit_rejections(self) -> int:
+        return sum(self.emulator.rejections.values())
+
+    def sample_payload(
+        self, text: str, *, message_id: str, sender: str = "u1", conversation: str = "c1"
+    ) -> Any:
+        # DingTalk's 1:1 chat of ``sender`` (as ``send`` uses): the conversation id is DingTalk's.
+        return self.emulator.message(text=text, msg_id=message_id, sender_staff_id=sender)
+
+    async def push_raw(self, payload: Any, *, timeout: float = 5.0) -> bool:
+        if isinstance(payload, bytes):
+            data = payload.decode("utf-8", errors="surrogateescape")
+        elif isinstance(payload, str):
+            data = payload
+        else:
+            data = json.dumps(payload)  # ASCII escapes, as the contract asks
+        frame_id = f"raw-{uuid.uuid4().hex}"
+        frame = {
+            "specVersion": "1.0",
+            "type": "CALLBACK",
+            "headers": {
+                "contentType": "application/json",
+                "messageId": frame_id,
+                "time": str(int(time.time() * 1000)),
+                "topic": TOPIC_BOT,
+            },
+            "data": data,
+        }
+        await self.emulator.wait_connected(timeout=timeout)
+        await self.emulator.push_frame(None, frame)
+        with contextlib.suppress(TimeoutError):
+            ack = await self.emulator.wait_acked(frame_id, timeout=timeout)
+            return bool(ack.code == 200)
+        return False
+
+    def reply_record(self, message_id: str) -> ReplyRecord:
+        reply_id = self.reply_id(message_id)
+        cards = [
+            card
+            for track, card in self.emulator.cards.items()
+            if track == reply_id or track.startswith(f"{reply_id}.")
+        ]
+        # Markdown replies through the message's session webhook; proactive OpenAPI messages
+        # name no message, so a duplicate sent that way would escape this count.
+        messages = self.emulator.replies(message_id)
+        unfinished = sum(1 for card in cards if not card.ended)
+        return ReplyRecord(replies=len(cards) + len(messages), unfinished=unfinished)

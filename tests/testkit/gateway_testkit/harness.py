@@ -12,16 +12,30 @@ import abc
 import asyncio
 import json
 import socket
+import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Literal, TypeVar, get_args
 
 import aiohttp
 import attrs
 
 from gateway.models import Incoming
 
-__all__ = ["EchoHarness", "PlatformHarness", "ReplyView", "free_port"]
+__all__ = [
+    "API_FAULTS",
+    "ApiFault",
+    "EchoHarness",
+    "FaultInjection",
+    "PlatformHarness",
+    "ReplyRecord",
+    "ReplyView",
+    "free_port",
+    "instance_document",
+    "pushed_again_if_cut",
+]
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -87,6 +101,11 @@ class PlatformHarness(abc.ABC):
     def leftover(self, message_id: str, text: str) -> Incoming:
         """A message as the driver would have stored it before a crash (for the resume test)."""
 
+    def user_id(self, user: str) -> str:
+        """The id the platform gives user ``user`` (as passed to :meth:`click_feedback`): the
+        name itself, unless the platform derives ids (Feishu's ``open_id``)."""
+        return user
+
     def reply_id(self, message_id: str) -> str:
         return Incoming.create(
             instance=self.instance,
@@ -104,6 +123,180 @@ class PlatformHarness(abc.ABC):
                 if view.ended:
                     return view
                 await asyncio.sleep(0.02)
+
+
+def instance_document(
+    harness: PlatformHarness, agent: dict[str, Any], **tables: dict[str, Any]
+) -> dict[str, Any]:
+    """An instance file's content (as a dict, for JSON) for a driver talking to ``harness``: quick
+    pacing and reconnection, so tests never wait on a default meant for production; ``tables``
+    (``conversation={...}``, ``reply={...}``...) are merged over those defaults."""
+    document: dict[str, Any] = {
+        "type": harness.driver_type,
+        "settings": harness.settings(),
+        "agent": agent,
+        "reply": {"update_interval": 0.05},
+        "reconnect": {"initial_delay": 0.05, "max_delay": 0.2},
+    }
+    for name, table in tables.items():
+        document[name] = {**document.get(name, {}), **table}
+    return document
+
+
+async def pushed_again_if_cut(
+    push: Callable[[], Awaitable[T]], cut: Callable[[Exception], bool], timeout: float = 5.0
+) -> T:
+    """Run ``push`` (an emulator pushing one message) again while it fails because its connection
+    died under it (``cut(error)``: fault tests drop sockets), as a platform pushes a message again
+    once it noticed, on a live connection.  Other errors, and a cut one after ``timeout``
+    seconds, propagate."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await push()
+        except Exception as exc:
+            if not cut(exc) or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.05)  # until the emulator has noticed the connection is gone
+
+
+#: How a reply API call can fail (see :meth:`FaultInjection.fail_next_api_calls`).
+ApiFault = Literal["token_expired", "rate_limited", "server_error"]
+API_FAULTS: tuple[ApiFault, ...] = get_args(ApiFault)
+
+
+@attrs.frozen
+class ReplyRecord:
+    """Exactly-once accounting of one message, from the platform's own record (what every user
+    could see), not from the gateway's logs."""
+
+    #: distinct replies the user sees for the message: cards, messages, edited or not.  An answer
+    #: split into parts counts each part, so a short answer given once is exactly 1; a duplicated
+    #: answer (a second card, a fallback message beside the card) is more.
+    replies: int
+    #: how many of those still show an answer in progress (a placeholder, "thinking", streaming):
+    #: after the gateway is done with the message this must be 0, or the user waits forever.
+    unfinished: int
+
+
+class FaultInjection(PlatformHarness):
+    """A platform harness whose platform (an emulator on loopback) can misbehave on request.
+
+    The fault-injection suite (``tests/faults``) is written against this interface only, so every
+    driver with an emulator runs the same faults.  Faults are the platform's, never the gateway's:
+    the gateway under test is a black box that must survive them.  Unless a method says otherwise,
+    a fault applies from the call on and stays until it is switched off; nothing here waits for the
+    gateway to react (tests poll :meth:`connections`, :meth:`reply_record`, ``reply``...).
+
+    ``send`` and ``redeliver`` keep their contract during outages: they wait (a few seconds) for a
+    live connection, then for the ACK, so a message sent while the gateway reconnects is pushed as
+    soon as it is back; a push that fails because its connection died under it (a drop while
+    pushing) is pushed again on a live one, as the platform would (:func:`pushed_again_if_cut`).
+    """
+
+    # -- connections ---------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def connections(self) -> int:
+        """How many connections of the gateway's app the platform holds open now (and would push
+        messages to)."""
+
+    @abc.abstractmethod
+    async def drop_connections(self) -> int:
+        """Abort every live connection at the TCP level (no close frame, no goodbye), as a network
+        failure does; return how many were dropped, once the platform has forgotten them.  Frames
+        pushed but not ACKed on them are delivered again after :meth:`redeliver_unacked_after`."""
+
+    @abc.abstractmethod
+    async def server_disconnect(self) -> int:
+        """The platform's polite goodbye on every live connection (DingTalk: ``SYSTEM/disconnect``;
+        a platform without one: a normal websocket close from the server).  New messages are no
+        longer pushed to those connections; the platform closes them itself a few seconds later if
+        the gateway did not.  Returns how many connections were told."""
+
+    @abc.abstractmethod
+    def refuse_connections(self, refuse: bool) -> None:
+        """While ``refuse`` is true, every new connection attempt fails the way the platform fails
+        it when its gateway is down (an HTTP 5xx on the handshake or its preliminary call);
+        connections already open are left alone."""
+
+    @abc.abstractmethod
+    async def restart(self) -> None:
+        """Stop the platform (every connection closed by the server, the port closed) and start it
+        again on the same port.  What the platform keeps durably survives (the replies the user
+        sees, the app's credentials, issued tokens); pushes in flight at the restart are not
+        promised to be delivered again, so a test sends its messages before or after it."""
+
+    @abc.abstractmethod
+    def redeliver_unacked_after(self, seconds: float) -> None:
+        """Push a message again (on any live connection) when it was not ACKed ``seconds`` after
+        its last push, as often as needed until it is ACKed: the platform's at-least-once
+        delivery, with a short timeout so tests do not wait for the real one."""
+
+    # -- the reply API ---------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def fail_next_api_calls(self, count: int, fault: ApiFault) -> None:
+        """Answer the next ``count`` calls to the reply API (creating, updating, streaming or
+        finishing a reply; not tokens, not connections) with the platform's own error for
+        ``fault``, without executing them:
+
+        * ``token_expired``: the access token is rejected as invalid/expired (the gateway must get
+          a new one and try again);
+        * ``rate_limited``: the platform's per-app quota answer (the gateway must slow down);
+        * ``server_error``: an HTTP 500 (transient: try again)."""
+
+    @abc.abstractmethod
+    def set_api_latency(self, seconds: float) -> None:
+        """Answer every API call (tokens and replies alike) ``seconds`` late; 0 for no delay."""
+
+    @abc.abstractmethod
+    def set_rate_limit(self, per_second: float | None) -> None:
+        """The platform's own quota on reply API calls, per app, in calls per second over a
+        sliding second (as the platform counts it: per API where it does).  A call over it is
+        rejected with the ``rate_limited`` answer and not executed.  ``None`` switches it off."""
+
+    def paced_settings(self, per_second: float) -> dict[str, Any]:
+        """:meth:`settings` with the driver's own limit on API calls set to ``per_second`` for the
+        app (the gateway's per-app rate limiter).  The default sets ``rate``, the name every
+        driver so far gives it; a driver calling it otherwise overrides this."""
+        return {**self.settings(), "rate": per_second}
+
+    @abc.abstractmethod
+    def rate_limit_rejections(self) -> int:
+        """How many calls :meth:`set_rate_limit`'s quota has rejected so far (faults planted with
+        :meth:`fail_next_api_calls` are not counted)."""
+
+    # -- raw input -------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def sample_payload(
+        self, text: str, *, message_id: str, sender: str = "u1", conversation: str = "c1"
+    ) -> Any:
+        """A valid raw message payload, as the platform sends it, for a text message: a JSON-able
+        value (a dict).  ``push_raw`` of it unchanged is answered like ``send``; a mutated copy is
+        hostile input.  The platform registers what the payload implies (the sender, the
+        conversation, a reply address) so a valid payload can be answered."""
+
+    @abc.abstractmethod
+    async def push_raw(self, payload: Any, *, timeout: float = 5.0) -> bool:
+        """Push ``payload`` as the platform frames a message event, on a live connection, once (no
+        redelivery, so a bad payload is seen exactly once), with a fresh frame id:
+
+        * a JSON-able value is encoded as the platform encodes JSON, non-ASCII as ``\\u``
+          escapes, so a lone surrogate travels as one (an invalid UTF-16 escape on the wire);
+        * a ``str`` stands where the encoded payload goes, as is (it need not be JSON);
+        * ``bytes`` are carried as the platform carries bytes it cannot decode (DingTalk, whose
+          frames are JSON text: as lone-surrogate escapes, Python's ``surrogateescape``).
+
+        Returns True once the gateway positively acknowledged the frame (the platform will not
+        deliver it again), False if no such ACK came within ``timeout`` seconds."""
+
+    # -- exactly-once accounting -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def reply_record(self, message_id: str) -> ReplyRecord:
+        """Every reply the platform shows for ``message_id`` now (see :class:`ReplyRecord`)."""
 
 
 class EchoHarness(PlatformHarness):
