@@ -52,16 +52,28 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from _common import (
+    child_env,
+    cpu_seconds,
+    percentiles,
+    profile_summary,
+    profile_written,
+    profiling,
+)
 
 from gateway.models import Incoming
 from gateway.store import Database, Inbox
-from gateway_testkit.process import GatewayProcess, free_port, loopback_env
+from gateway_testkit.process import GatewayProcess, free_port
 
 # -- the gateway under test ---------------------------------------------------------------------
 
 _GATEWAY_TOML = """\
 state_dir = "{state_dir}"
 shutdown_grace = 2.0
+
+# No operations endpoint: its default port 8780 may be taken by a test running beside us.
+[http]
+enabled = false
 
 [log]
 level = "{log_level}"
@@ -87,20 +99,18 @@ concurrency = {slots}
 """
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far, from /proc (Linux); NaN elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return math.nan
-    # After the ")" that ends the command name, utime and stime are the 12th and 13th fields.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class Gateway:
     """``gateway run`` in a temp dir with one echo instance; ``async with`` starts and kills it."""
 
-    def __init__(self, *, delay: float, slots: int, log_level: str, workdir: Path) -> None:
+    def __init__(
+        self,
+        *,
+        delay: float,
+        slots: int,
+        log_level: str,
+        workdir: Path,
+        profile: Path | None = None,
+    ) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self._workdir = workdir
@@ -112,12 +122,13 @@ class Gateway:
             _INSTANCE_TOML.format(port=self.port, delay=delay, slots=slots)
         )
         self.process: GatewayProcess | None = None
+        self._profile = profile
 
     async def __aenter__(self) -> Gateway:
         self.process = GatewayProcess(
             ["run", "--instances", "instances", "--config", "gateway.toml"],
             cwd=self._workdir,
-            env=loopback_env(),
+            env=child_env(self._profile),
             logs=self._workdir / "gateway",  # gateway.stdout / gateway.stderr
         )
         try:
@@ -139,7 +150,7 @@ class Gateway:
             self.process.stop()
 
     def cpu_seconds(self) -> float:
-        return _cpu_seconds(self.process.pid) if self.process else math.nan
+        return cpu_seconds(self.process.pid) if self.process else math.nan
 
 
 # -- the client -----------------------------------------------------------------------------------
@@ -189,21 +200,6 @@ async def drive(base: str, first: int, count: int, concurrency: int, text: str) 
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return results
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    """p50/p90/p99/max in milliseconds (nearest-rank percentiles)."""
-    ordered = sorted(values)
-
-    def rank(p: float) -> float:
-        return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-    return {
-        "p50_ms": rank(50) * 1e3,
-        "p90_ms": rank(90) * 1e3,
-        "p99_ms": rank(99) * 1e3,
-        "max_ms": ordered[-1] * 1e3,
-    }
 
 
 # -- the scenarios --------------------------------------------------------------------------------
@@ -306,6 +302,22 @@ async def scenario_inbox(args: argparse.Namespace, workdir: Path) -> dict[str, A
         "serial_adds_per_s": serial / serial_s if serial else math.nan,
         "serial_commit_ms": serial_s / serial * 1e3 if serial else math.nan,
     }
+
+
+async def profile_fast(args: argparse.Namespace, workdir: Path, out: Path) -> dict[str, Any]:
+    """The fast scenario once more, with the gateway under pyinstrument (not measured: sampling
+    slows it down); returns :func:`_common.profile_summary` and keeps ``out.txt``/``out.pstats``."""
+    text = "hello from the benchmark"
+    async with Gateway(
+        delay=0, slots=args.slots, log_level=args.log_level, workdir=workdir, profile=out
+    ) as gateway:
+        await drive(gateway.base, 10**9, args.warmup, args.concurrency, text)
+        assert gateway.process is not None
+        profiling(gateway.process.pid)
+        await drive(gateway.base, 0, args.messages, args.concurrency, text)
+        profiling(gateway.process.pid)
+        written = await profile_written(out)
+    return profile_summary(written)
 
 
 async def run_once(args: argparse.Namespace) -> dict[str, Any]:
