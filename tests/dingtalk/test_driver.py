@@ -9,12 +9,8 @@ uses its own app id, so the process-wide rate-limit bucket of one test never slo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -39,6 +35,7 @@ from gateway_dingtalk.emulator import (
 )
 from gateway_testkit.dingtalk import TEMPLATE, TEMPLATE_VARIABLES, dingtalk_settings, reply_id_for
 from gateway_testkit.process import free_port
+from gateway_testkit.proxy import start_proxy, stop_proxy, wait_port
 
 REGISTRY = PluginRegistry.discover()
 SECRET = "dt-secret-5f1d9c7a0b"
@@ -671,32 +668,6 @@ async def test_an_agent_error_ends_the_card_as_failed_with_the_reason(
 
 
 # -- 13. proxy -------------------------------------------------------------------------------------
-
-
-def start_proxy(port: int, log: Path) -> subprocess.Popen[bytes]:
-    """pproxy as a SOCKS5 server on 127.0.0.1:``port``, logging each relayed connection to ``log``."""
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "pproxy", "-l", f"socks5://127.0.0.1:{port}", "-v"],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def stop_proxy(proxy: subprocess.Popen[bytes]) -> None:
-    if proxy.poll() is None:
-        proxy.kill()
-    proxy.wait(5)
-
-
-async def wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 10) -> None:
-    async with asyncio.timeout(timeout):
-        while True:
-            assert process.poll() is None, "the proxy exited"
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                return
-            await asyncio.sleep(0.05)
 
 
 async def test_everything_goes_through_the_configured_socks5_proxy(

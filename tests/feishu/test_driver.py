@@ -33,7 +33,7 @@ from gateway_testkit.feishu import ERROR_MARK, feishu_settings, message_text
 from gateway_testkit.process import free_port
 
 # The SOCKS5 proxy (pproxy) helpers of the DingTalk tests; they belong in the testkit.
-from tests.dingtalk.test_driver import start_proxy, stop_proxy, wait_port
+from gateway_testkit.proxy import start_proxy, stop_proxy, wait_port
 
 REGISTRY = PluginRegistry.discover()
 SECRET = "fs-secret-3c9e27d1a8"
