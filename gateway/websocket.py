@@ -44,7 +44,9 @@ async def messages(
         elif msg.type is aiohttp.WSMsgType.ERROR:
             if closing():
                 return
-            raise ConnectionLost(f"connection to {platform} failed: {ws.exception()}")
+            # The exception is None for some failures (a frame over the size limit): then the
+            # message's data says what happened.
+            raise ConnectionLost(f"connection to {platform} failed: {ws.exception() or msg.data}")
 
 
 class FrameTasks:

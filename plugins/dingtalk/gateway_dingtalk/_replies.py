@@ -22,6 +22,7 @@ import logging
 import time
 from typing import Any
 
+from gateway.breaker import Breaker
 from gateway.driver import ReplyChannel
 from gateway.models import ConversationKind, Incoming
 from gateway_dingtalk._openapi import OpenApi, OpenApiError, new_guid
@@ -50,38 +51,34 @@ def reply_id_of(track_id: str) -> str:
 
 
 class CardHealth:
-    """Counts card failures in a row; after ``degrade_after`` of them, cards rest ``degrade_for`` s."""
+    """After ``degrade_after`` card failures in a row, cards rest ``degrade_for`` s (the core's
+    :class:`~gateway.breaker.Breaker`), and each failure and the resting are logged."""
 
     def __init__(
         self, settings: DingTalkSettings, logger: logging.LoggerAdapter[logging.Logger]
     ) -> None:
-        self._settings = settings
+        self._breaker = Breaker(settings.degrade_after, settings.degrade_for)
         self._log = logger
-        self._failures = 0
-        self._until = 0.0
 
     @property
     def degraded(self) -> bool:
-        return time.monotonic() < self._until
+        return self._breaker.open
 
     def ok(self) -> None:
-        self._failures = 0
+        self._breaker.success()
 
     def failed(self, exc: Exception) -> None:
-        self._failures += 1
         self._log.warning(
             "card call failed (%s: %s); this reply continues as markdown",
             type(exc).__name__,
             exc,
             extra={"event": "card_failed"},
         )
-        if self._failures >= self._settings.degrade_after:
-            self._failures = 0
-            self._until = time.monotonic() + self._settings.degrade_for
+        if self._breaker.failure():
             self._log.warning(
                 "%d card failures in a row: answering with markdown for %g s",
-                self._settings.degrade_after,
-                self._settings.degrade_for,
+                self._breaker.threshold,
+                self._breaker.cooldown,
                 extra={"event": "cards_degraded"},
             )
 

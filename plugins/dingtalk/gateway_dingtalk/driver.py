@@ -40,6 +40,7 @@ from gateway.errors import (
 )
 from gateway.models import FeedbackEvent, Incoming, Outgoing, TargetKind
 from gateway.ratelimit import rate_limits
+from gateway.websocket import FrameTasks, messages
 from gateway_dingtalk._openapi import OpenApi, OpenApiError
 from gateway_dingtalk._payload import TOPIC_BOT, incoming_from_dingtalk, resolve_attachments
 from gateway_dingtalk._replies import (
@@ -72,7 +73,7 @@ class DingTalkDriver(Driver):
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._closing = False
-        self._frame_tasks: set[asyncio.Task[None]] = set()
+        self._frame_tasks = FrameTasks()
         # Every instance (and restart) of one app shares the app's quota.  No burst: DingTalk counts
         # calls per second, and a full bucket plus its refill would allow twice the rate in one.
         bucket = rate_limits.bucket(f"dingtalk:{settings.client_id}", settings.rate, burst=1)
@@ -134,7 +135,7 @@ class DingTalkDriver(Driver):
         finally:
             self._ws = None
             await ws.close()
-            await self._cancel_frame_tasks()
+            await self._frame_tasks.cancel()
 
     async def _open_connection(self) -> tuple[str, str]:
         body = {
@@ -165,44 +166,26 @@ class DingTalkDriver(Driver):
         return endpoint, ticket
 
     async def _read_frames(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        timeout = self.settings.frame_timeout
-        while True:
-            try:
-                msg = await ws.receive(timeout=timeout)
-            except TimeoutError:
-                raise ConnectionLost(f"no frame from DingTalk for {timeout:g} s") from None
+        async for msg in messages(
+            ws,
+            timeout=self.settings.frame_timeout,
+            platform="DingTalk",
+            closing=lambda: self._closing,
+        ):
+            # DingTalk frames are JSON text; binary messages carry nothing for us.
             if msg.type is aiohttp.WSMsgType.TEXT:
                 self.context.frame_received()
                 await self._on_frame(ws, msg.data)
-            elif msg.type in (
-                aiohttp.WSMsgType.CLOSE,
-                aiohttp.WSMsgType.CLOSING,
-                aiohttp.WSMsgType.CLOSED,
-            ):
-                if self._closing:
-                    return
-                raise ConnectionLost(f"stream closed by DingTalk (code {ws.close_code})")
-            elif msg.type is aiohttp.WSMsgType.ERROR:
-                if self._closing:
-                    return
-                raise ConnectionLost(f"stream failed: {ws.exception() or msg.data}")
-            # BINARY and control frames carry nothing for us.
 
     async def close(self) -> None:
         self._closing = True
         ws = self._ws
         if ws is not None:
             await ws.close()
-        await self._cancel_frame_tasks()
+        await self._frame_tasks.cancel()
         if self._http is not None:
             await self._http.close()
             self._http = None
-
-    async def _cancel_frame_tasks(self) -> None:
-        tasks = set(self._frame_tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- frames --------------------------------------------------------------------------------
 
@@ -223,9 +206,7 @@ class DingTalkDriver(Driver):
             # Handled in a task: the inbox write of one message must not hold up the next frame
             # (and the core batches concurrent writes into one commit).
             handler = self._on_robot_message if topic == TOPIC_BOT else self._on_card_click
-            task = asyncio.get_running_loop().create_task(handler(ws, frame, frame_id))
-            self._frame_tasks.add(task)
-            task.add_done_callback(self._frame_tasks.discard)
+            self._frame_tasks.spawn(handler(ws, frame, frame_id))
         elif frame_id:
             # Unsubscribed topics and events: say so, as the protocol asks, so nothing is retried.
             code = 200 if kind == "EVENT" else AckMessage.STATUS_NOT_IMPLEMENT
