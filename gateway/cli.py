@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -325,7 +326,60 @@ def _http_override(args: argparse.Namespace, process: ProcessSettings) -> Proces
     return process
 
 
+class _ReloadSignal:
+    """SIGHUP for the whole of ``gateway run``: installed before anything else, never removed.
+
+    SIGHUP's default action ends the process, and an asyncio signal handler covers only the time
+    the event loop runs (``loop.close()`` restores the default), so a ``systemctl reload`` during
+    start-up or during a graceful stop would kill the gateway mid-answer.  A request during
+    start-up is kept and carried out once the instances are up (the folder may have changed after
+    it was read); one while stopping is logged and ignored.  The handler itself only records the
+    request or hands it to the loop: logging inside a signal handler can hit a stream in the middle
+    of a write.
+    """
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reloader: Reloader | None = None
+        self._early = False  # requested before the reloader was running
+        self._stopping = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGHUP, self._received)
+
+    def _received(self, signum: int, frame: object) -> None:
+        if self._loop is None:  # still reading the configs
+            self._early = True
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing left to reload
+            self._loop.call_soon_threadsafe(self._dispatch)
+
+    def _dispatch(self) -> None:
+        if self._stopping:
+            log.warning("SIGHUP received while stopping: reload ignored")
+        elif self._reloader is None:
+            self._early = True
+        else:
+            self._reloader.request()
+
+    def loop_started(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def running(self, reloader: Reloader) -> None:
+        """The gateway is up: reloads go to ``reloader`` from now on."""
+        self._reloader = reloader
+        if self._early and not self._stopping:
+            log.info("SIGHUP received during start-up: reloading now that the gateway is running")
+            reloader.request()
+
+    def stopping(self) -> None:
+        self._stopping = True
+        self._reloader = None
+
+
 def _run(args: argparse.Namespace) -> int:
+    reload_signal = _ReloadSignal()
+    reload_signal.install()
     process, configs, registry = _load(args)
     process = _http_override(args, process)
     _setup_logging(args, process)
@@ -339,7 +393,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"gateway: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        return asyncio.run(_serve(process, configs, instances=args.instances))
+        return asyncio.run(_serve(process, configs, args.instances, reload_signal))
     finally:
         pidfile.release()
 
@@ -364,7 +418,10 @@ def _reload(args: argparse.Namespace) -> int:
 
 
 async def _serve(
-    process: ProcessSettings, configs: list[InstanceConfig], *, instances: Path | None = None
+    process: ProcessSettings,
+    configs: list[InstanceConfig],
+    instances: Path,
+    reload_signal: _ReloadSignal,
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -374,6 +431,7 @@ async def _serve(
         nonlocal signals
         signals += 1
         if signals == 1:
+            reload_signal.stopping()
             log.info(
                 "%s received: finishing answers in flight (up to %g s); signal again to exit now",
                 signal.Signals(signum).name,
@@ -387,22 +445,20 @@ async def _serve(
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
+    reload_signal.loop_started(loop)
 
     gateway = await Gateway.open(process)
     ops = await start_ops(gateway, process.http)
-    reloader = Reloader(gateway, instances) if instances is not None else None
-    if reloader is not None:
-        loop.add_signal_handler(signal.SIGHUP, reloader.request)
+    reloader = Reloader(gateway, instances)
     try:
         await gateway.start_all(configs)
-        if reloader is not None:
-            reloader.start()
+        reloader.start()
         log.info("gateway running with %d instance(s)", len(gateway.instances))
+        reload_signal.running(reloader)
         await stop.wait()
     finally:
-        if reloader is not None:
-            loop.remove_signal_handler(signal.SIGHUP)
-            await reloader.close()
+        reload_signal.stopping()
+        await reloader.close()
         if ops is not None:
             await ops.close()
         await gateway.close()

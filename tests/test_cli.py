@@ -261,6 +261,66 @@ async def test_second_signal_during_the_grace_period_exits_at_once(
     assert "second signal: exiting now" in gateway.stderr
 
 
+async def test_sighup_while_stopping_is_ignored_and_the_stop_stays_graceful(
+    tmp_path: Path, gateways: GatewayProcesses
+) -> None:
+    """SIGHUP's default action ends the process: a reload request (``systemctl reload``, a log
+    rotation script) during a graceful stop must not cut the answer in flight."""
+    port = free_port()
+    setup_folder(
+        tmp_path, {"bot": echo_instance(port, delay=0.3)}, gateway_toml="shutdown_grace = 10"
+    )
+    pidfile = tmp_path / "state" / "gateway.pid"
+    gateway = start_gateway(gateways, tmp_path)
+    await gateway.wait_http(f"http://127.0.0.1:{port}")
+    assert pidfile.exists()
+
+    async with EchoClient(port) as client, client.post(TEN_WORDS, "slow") as stream:
+        await stream.until("update")
+        gateway.send(signal.SIGTERM)
+        await gateway.wait_log("SIGTERM received")
+        gateway.send(signal.SIGHUP)
+        await gateway.wait_log("SIGHUP received while stopping: reload ignored")
+        events = await stream.rest()
+
+    assert_answer(events, TEN_WORDS)
+    assert stream.broken is None
+    assert await gateway.wait_exit(10) == 0, gateway.describe()
+    stderr = gateway.stderr
+    assert log_lines(stderr, "[bot]", "answered message slow (answered)"), stderr
+    assert "gateway stopped" in stderr and "reloading" not in stderr
+    assert not pidfile.exists()
+
+
+async def test_sighup_during_start_up_is_carried_out_once_running(
+    tmp_path: Path, gateways: GatewayProcesses
+) -> None:
+    """SIGHUPs from the first log line on (the configs are read, the database and the endpoint
+    open, the instances start) neither kill the gateway nor get lost: one reload follows."""
+    port = free_port()
+    setup_folder(tmp_path, {"bot": echo_instance(port)})
+    gateway = start_gateway(gateways, tmp_path)
+    deadline = time.monotonic() + 20
+    while not gateway.stderr:
+        assert gateway.returncode is None and time.monotonic() < deadline, gateway.describe()
+        await asyncio.sleep(0.002)
+    sent = 0
+    while "gateway running" not in gateway.stderr:
+        assert gateway.returncode is None, f"after {sent} SIGHUP(s): {gateway.describe()}"
+        assert time.monotonic() < deadline, gateway.describe()
+        gateway.send(signal.SIGHUP)
+        sent += 1
+        await asyncio.sleep(0.003)
+    assert sent, "the gateway was up before the first SIGHUP: nothing was tested"
+
+    stderr = await gateway.wait_log("reload: 1 unchanged")
+    assert "SIGHUP received during start-up: reloading now that the gateway is running" in stderr
+    async with EchoClient(port) as client:
+        assert_answer(await client.ask("still here", "m1"), "still here")
+    gateway.send(signal.SIGTERM)
+    assert await gateway.wait_exit(10) == 0, gateway.describe()
+
+
 # -- 3. dedup and resume after kill -9 -----------------------------------------------------------------
 
 
