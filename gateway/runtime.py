@@ -24,7 +24,9 @@ The life of a message::
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -65,6 +67,10 @@ _SUPERSEDED = "The answer was interrupted by a newer message."
 _COLLECTED = "Answered together with your later message(s): see the reply to your last one."
 _BROKEN = "Something went wrong while answering."
 _FINALISE_TIMEOUT = 5.0
+#: How long stored messages may wait to be admitted while others wait for their ACK (seconds).
+_ACK_FIRST = 0.05
+#: Admissions per event-loop step when a backlog is admitted.
+_ADMIT_CHUNK = 64
 
 
 class InstanceRuntime:
@@ -99,6 +105,10 @@ class InstanceRuntime:
         self._resets: dict[str, int] = {}  # per session: how many /reset so far
         self._side: set[asyncio.Task[None]] = set()  # replies answered outside the turns
         self._accepting = True
+        self._delivering = 0  # deliver() calls waiting for their inbox commit (unacknowledged)
+        self._delivered = asyncio.Event()  # set when that count drops to 0
+        self._admissions: collections.deque[Incoming] = collections.deque()  # stored, not admitted
+        self._admitter: asyncio.Task[None] | None = None
         self.driver: Driver = config.driver_class(config.settings, self)
         self.agent: Agent = config.agent_class(config.agent_settings)
         self._supervisor = Supervisor(
@@ -128,25 +138,52 @@ class InstanceRuntime:
             )
         if not self._accepting:
             raise ShuttingDown(f"instance {self.instance} is stopping")
-        # Shielded: once the inbox has the message it must also be scheduled, even if the driver's
-        # task is cancelled meanwhile (its connection ended); otherwise the message would sit in
-        # the inbox unanswered, and its redelivery would be taken for a duplicate.
-        storing = asyncio.ensure_future(self._store(message))
-        storing.add_done_callback(_outcome_seen)  # a failure is logged by whoever awaits it, if any
-        return await asyncio.shield(storing)
+        # Once the inbox has the message it must also be admitted, even if the driver's task is
+        # cancelled meanwhile (its connection ended); otherwise the message would sit in the inbox
+        # unanswered, and its redelivery would be taken for a duplicate.  So the write's own
+        # callback queues it, and the driver only waits (shielded) for the commit: it ACKs then,
+        # before any answering work of this message is started.
+        storing = self._inbox.submit_add(message)
+        storing.add_done_callback(functools.partial(self._stored, message))
+        self._delivering += 1
+        try:
+            return await asyncio.shield(storing)
+        finally:
+            self._delivering -= 1
+            if not self._delivering:
+                self._delivered.set()
 
-    async def _store(self, message: Incoming) -> bool:
-        if not await self._inbox.add(message):
+    def _stored(self, message: Incoming, storing: asyncio.Future[bool]) -> None:
+        if storing.cancelled() or storing.exception() is not None:
+            return  # not stored: the driver does not acknowledge it (deliver raised)
+        if not storing.result():
             self.logger.info(
                 "duplicate message %s ignored",
                 message.message_id,
                 extra={"message_id": message.message_id, "event": "duplicate"},
             )
             self.metrics.message(self.instance, "duplicate")
-            return False
+            return
         self.metrics.message(self.instance, "received")
-        await self._admit(message)
-        return True
+        self._admissions.append(message)
+        if self._admitter is None or self._admitter.done():
+            self._admitter = asyncio.get_running_loop().create_task(self._admit_stored())
+
+    async def _admit_stored(self) -> None:
+        """Admit the stored messages in the order they were stored, ACKs first: while other
+        messages are still being stored (their ACKs wait for that), no new turn or placeholder is
+        started for at most ``_ACK_FIRST`` seconds, so a burst is acknowledged before the answers'
+        platform calls compete with it for the event loop.  Never raises (``_admit`` does not)."""
+        while self._admissions:
+            if self._delivering:
+                self._delivered.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_ACK_FIRST):
+                        await self._delivered.wait()
+            for done in range(len(self._admissions)):
+                if done and not done % _ADMIT_CHUNK:
+                    await asyncio.sleep(0)  # a big backlog does not hold the loop in one step
+                await self._admit(self._admissions.popleft())
 
     async def feedback(self, event: FeedbackEvent) -> None:
         # Platforms report a click on a reply; some name the message, some only the reply.
@@ -214,6 +251,8 @@ class InstanceRuntime:
         """Stop taking messages, let turns finish for ``grace`` seconds, finalise the rest as
         interrupted, then close the driver and the agent."""
         self._accepting = False
+        if self._admitter is not None:
+            await self._admitter  # stored messages become turns (or stay queued) like the others
         if not await self._scheduler.wait(grace):
             self.logger.warning(
                 "interrupting the answers still running", extra={"event": "interrupt"}
@@ -625,11 +664,6 @@ def _merge(messages: list[Incoming]) -> Incoming:
     text = "\n\n".join(m.text.strip() for m in messages if m.text.strip())
     attachments = tuple(a for m in messages for a in m.attachments)
     return attrs.evolve(messages[-1], text=text, attachments=attachments)
-
-
-def _outcome_seen(task: asyncio.Future[bool]) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 @attrs.frozen

@@ -15,6 +15,7 @@ instead of crashing it forever.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 import sqlite3
@@ -118,6 +119,12 @@ class Inbox:
     async def add(self, message: Incoming) -> bool:
         """Store ``message`` as pending.  True if it is new, False if its key is already there
         (a redelivery, whatever became of the first copy).  Committed when it returns."""
+        return await self.submit_add(message)
+
+    def submit_add(self, message: Incoming) -> asyncio.Future[bool]:
+        """:meth:`add` as a future, queued at once and resolved after the COMMIT (see
+        :meth:`Database.submit_write`): for a caller that must act on the outcome even if it is
+        cancelled while waiting.  A payload that cannot be serialised raises here, at once."""
         # Serialised here, so a payload that cannot be stored fails its caller before the worker.
         record = json.dumps(message.to_record(), ensure_ascii=False, separators=(",", ":"))
         now = self._clock()
@@ -131,7 +138,7 @@ class Inbox:
             )
             return cursor.rowcount == 1
 
-        return await self._db.write(insert)
+        return self._db.submit_write(insert)
 
     async def start(self, instance: str, message_id: str) -> int:
         """Count one more attempt at answering the message and return the count (1 the first time).
