@@ -27,6 +27,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -666,6 +667,24 @@ def _merge(messages: list[Incoming]) -> Incoming:
     return attrs.evolve(messages[-1], text=text, attachments=attachments)
 
 
+#: The youngest generation's GC threshold for a gateway process (CPython's default is 700).
+_GC_THRESHOLD = 50_000
+
+
+def _tune_gc() -> None:
+    """Collect the youngest generation less often in a gateway process.
+
+    With the default threshold, a burst of messages (thousands of turns in flight, each with its
+    tasks, futures and HTTP requests alive) made the cycle collector promote and rescan the same
+    live objects over and over: about a fifth of the gateway's CPU in the DingTalk bench, mostly
+    in full collections.  Objects without cycles are freed by reference counting anyway, so this
+    only lets cyclic garbage wait a little longer.  A higher threshold set by the embedding
+    process is kept."""
+    gen0, gen1, gen2 = gc.get_threshold()
+    if 0 < gen0 < _GC_THRESHOLD:
+        gc.set_threshold(_GC_THRESHOLD, gen1, gen2)
+
+
 @attrs.frozen
 class ReloadResult:
     """What :meth:`Gateway.apply` did, by instance name (each list sorted)."""
@@ -710,6 +729,7 @@ class Gateway:
     @classmethod
     async def open(cls, process: ProcessSettings) -> Gateway:
         db = await Database.open(process.state_path / "gateway.sqlite3")
+        _tune_gc()
         return cls(process, db)
 
     def start(self, config: InstanceConfig, **runtime_options: object) -> InstanceRuntime | None:
