@@ -8,6 +8,7 @@ from a wire format.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 import time
 import uuid
@@ -63,6 +64,15 @@ def _clean(value: Any) -> Any:
     A platform's JSON may carry one (``\\ud83d``: half of an emoji cut at a length limit, or
     hostile input).  It has no UTF-8 form, so the inbox could not store the message, the driver
     would not acknowledge it, and the platform would deliver it again forever."""
+    # Exact types first: this walks every payload, and the ABC check of Mapping is slow.
+    kind = type(value)
+    if kind is str:
+        # A lone surrogate is never ASCII, and isascii() is far cheaper than the regex.
+        return value if value.isascii() else _LONE_SURROGATE.sub("\ufffd", value)
+    if kind is dict:
+        return {_clean(key): _clean(item) for key, item in value.items()}
+    if kind is int or kind is float or kind is bool or value is None:
+        return value
     if isinstance(value, str):
         return _LONE_SURROGATE.sub("\ufffd", value)
     if isinstance(value, Mapping):
@@ -137,19 +147,31 @@ class Incoming:
             received_at=time.time() if received_at is None else received_at,
         )
 
-    @property
+    @functools.cached_property
     def reply_id(self) -> str:
         """A stable id for this message's reply, the same after a restart."""
         return str(uuid.uuid5(_REPLY_NAMESPACE, f"{self.instance}\x00{self.message_id}"))
 
     def to_record(self) -> dict[str, Any]:
-        """A JSON-able dict for the durable inbox."""
-        return attrs.asdict(self, value_serializer=_serialize)
+        """A JSON-able dict for the durable inbox (``json.dumps`` it; ``raw`` is not copied)."""
+        # Not attrs.asdict: its deep copy of the raw payload cost more than storing the message.
+        record = {f.name: getattr(self, f.name) for f in _INCOMING_FIELDS}
+        record["conversation_kind"] = self.conversation_kind.value
+        record["mentions"] = [_as_record(m) for m in self.mentions]
+        record["attachments"] = [_as_record(a) for a in self.attachments]
+        return record
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Incoming:
         """Rebuild a message stored by :meth:`to_record`."""
         return cls(**record)
+
+
+_INCOMING_FIELDS = attrs.fields(Incoming)
+
+
+def _as_record(value: Any) -> dict[str, Any]:
+    return attrs.asdict(value, value_serializer=_serialize)
 
 
 def _serialize(inst: Any, field: Any, value: Any) -> Any:
