@@ -142,6 +142,8 @@ class Database:
     ``write(fn)`` and ``read(fn)`` run ``fn(connection)`` in the worker thread and return its
     result.  ``fn`` must return plain data (never a cursor: the connection belongs to the worker)
     and must not commit or roll back; a write's effects are committed when ``write`` returns.
+    A write ``fn`` may be called a second time (its first run rolled back, when another write of
+    its batch failed), so it must have no effect outside the connection.
     Exceptions raised by ``fn`` (including ``sqlite3`` errors, which mean a bug or a disk problem)
     reach the caller unchanged, traceback included.  Cancelling the caller does not cancel a write
     that was queued: it may still be committed.
@@ -311,6 +313,57 @@ class Database:
             _run_reads(conn, reads)
 
     def _run_writes(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
+        """The batch's writes in one transaction, optimistically without a savepoint each.
+
+        Savepoints tripled the statements per write, and each statement hands the GIL over to and
+        back from the busy event loop.  Writes nearly never fail; when one does, the transaction
+        is rolled back before anything was resolved, and :meth:`_run_writes_isolated` runs the
+        batch again with each write in its own savepoint (so ``fn`` may run twice, its first run
+        undone: it must have no effect outside the connection)."""
+        done: list[tuple[_Job, Any]] = []  # ran; resolved only after the COMMIT
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except Exception:
+            _rollback(conn)
+            self._run_writes_isolated(conn, jobs)  # fails the same way, for each caller
+            return
+        for index, job in enumerate(jobs):
+            assert job.fn is not None
+            try:
+                value = job.fn(conn)
+            except Exception:
+                _rollback(conn)
+                self._run_writes_isolated(conn, jobs)
+                return
+            if not conn.in_transaction:
+                # It committed or rolled back by itself, so what the writes before it did may be
+                # kept: none of them runs again.  As in the isolated path, they all fail.
+                error = sqlite3.ProgrammingError(
+                    "a Database.write function must not commit or roll back"
+                )
+                job.settle(error=error)
+                _abandon(done, error)
+                if index + 1 < len(jobs):
+                    self._run_writes_isolated(conn, jobs[index + 1 :])
+                return
+            done.append((job, value))
+        try:
+            conn.execute("COMMIT")
+        except Exception as exc:
+            _rollback(conn)
+            for job, _ in done:
+                job.settle(error=exc)
+            return
+        self._commits += 1
+        self._writes += len(done)
+        settled = _Settled()
+        for job, value in done:
+            job.settle(value, into=settled)
+        settled.flush()
+
+    def _run_writes_isolated(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
+        """The writes in one transaction, each in its own savepoint, so a failing one is rolled
+        back alone and fails only its own caller."""
         done: list[tuple[_Job, Any]] = []  # ran and released; resolved only after the COMMIT
         try:
             conn.execute("BEGIN IMMEDIATE")
