@@ -258,6 +258,34 @@ async def call_with_retry(
         if on_outcome is not None:
             on_outcome(outcome)
 
+    async def call() -> T:
+        if bucket is not None:
+            await bucket.acquire()
+        try:
+            return await func()
+        except RateLimited as error:
+            hint = _retry_after(error)
+            if bucket is not None and hint is not None:
+                bucket.pause(hint)
+            raise
+
+    # The first attempt runs without tenacity, and the retry machinery is built only when it failed:
+    # nearly every call succeeds at once, and building it per call cost a measurable share of the
+    # gateway's CPU under load.
+    try:
+        result: T = await call()
+    except retry_on as error:
+        if attempts == 1:
+            report("failed")
+            raise
+        first_failure: list[BaseException] = [error]
+    except Exception:
+        report("failed")
+        raise
+    else:
+        report("ok")
+        return result
+
     # The jitter lives inside the cap, so ``cap`` is a true upper bound callers can plan with.
     jitter = min(initial, cap) / 2
     backoff = wait_exponential(multiplier=initial, max=cap - jitter) + wait_random(0, jitter)
@@ -273,33 +301,6 @@ async def call_with_retry(
     def before_sleep(state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome is not None else None
         report("rate_limited" if isinstance(error, RateLimited) else "retried")
-
-    async def call() -> T:
-        if bucket is not None:
-            await bucket.acquire()
-        try:
-            return await func()
-        except RateLimited as error:
-            hint = _retry_after(error)
-            if bucket is not None and hint is not None:
-                bucket.pause(hint)
-            raise
-
-    # The first attempt runs without tenacity: nearly every call succeeds at once, and building the
-    # retry machinery per call cost a measurable share of the gateway's CPU under load.
-    try:
-        result: T = await call()
-    except retry_on as error:
-        if attempts == 1:
-            report("failed")
-            raise
-        first_failure: list[BaseException] = [error]
-    except Exception:
-        report("failed")
-        raise
-    else:
-        report("ok")
-        return result
 
     async def attempt() -> T:
         # Tenacity's first attempt replays the failure above, so its waits and reports are the
