@@ -542,14 +542,11 @@ class InstanceRuntime:
         try:
             for part in turn.parts[:-1]:
                 await part.stream.finish(_COLLECTED)
-            # One round trip to the database for both (they share a batch of its worker).
-            counts, history = await asyncio.gather(
-                asyncio.gather(
-                    *(self._inbox.start(self.instance, p.original.message_id) for p in turn.parts)
-                ),
-                self._load_history(turn.key),
-            )
-            attempts = max(counts)
+            # One round trip to the database for both: queued together, they share a batch of its
+            # worker (and no task is needed for either).
+            starting = [self._inbox.start(self.instance, p.original.message_id) for p in turn.parts]
+            history = await self._load_history(turn.key)
+            attempts = max([await count for count in starting])
             if attempts > self._process.max_attempts:
                 self.logger.error(
                     "giving up on message %s after %d attempts",

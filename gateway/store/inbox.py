@@ -140,10 +140,11 @@ class Inbox:
 
         return self._db.submit_write(insert)
 
-    async def start(self, instance: str, message_id: str) -> int:
-        """Count one more attempt at answering the message and return the count (1 the first time).
+    def start(self, instance: str, message_id: str) -> asyncio.Future[int]:
+        """Count one more attempt at answering the message; the future gives the count (1 the
+        first time).  Queued at once, so a read queued right after it shares its round trip.
 
-        Raises ``KeyError`` for a message that is not in the inbox."""
+        Raises ``KeyError`` (from the future) for a message that is not in the inbox."""
 
         def increment(conn: sqlite3.Connection) -> int:
             rows = conn.execute(
@@ -155,7 +156,7 @@ class Inbox:
                 raise KeyError(f"message {message_id!r} of {instance!r} is not in the inbox")
             return int(rows[0][0])
 
-        return await self._db.write(increment)
+        return self._db.submit_write(increment)
 
     async def finish(self, reply: Reply) -> None:
         """Mark the message done with its final text and outcome (a second call overwrites them).
