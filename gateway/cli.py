@@ -89,7 +89,10 @@ def _parser() -> argparse.ArgumentParser:
         "status", parents=[logging_options], help="show the instances of a running gateway"
     )
     status.add_argument(
-        "url", nargs="?", default="http://127.0.0.1:8780", help="its operations endpoint"
+        "url", nargs="?", default=None, help="its operations endpoint (default: from gateway.toml)"
+    )
+    status.add_argument(
+        "--config", type=Path, default=None, help="process settings (default ./gateway.toml)"
     )
     status.set_defaults(handler=_status)
 
@@ -255,13 +258,18 @@ def _new(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     import aiohttp
 
-    from gateway.ops import fetch_instances, format_status
+    from gateway.ops import check_url, fetch_instances, format_status, local_url
 
     try:
-        instances = asyncio.run(fetch_instances(args.url))
+        url = check_url(args.url) if args.url else local_url(_process_settings(args).http)
+    except ValueError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        instances = asyncio.run(fetch_instances(url))
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         reason = str(exc) or type(exc).__name__
-        print(f"gateway: cannot get the status from {args.url}: {reason}", file=sys.stderr)
+        print(f"gateway: cannot get the status from {url}: {reason}", file=sys.stderr)
         return EXIT_FAILURE
     print(format_status(instances))
     return EXIT_OK
@@ -271,7 +279,7 @@ def _send(args: argparse.Namespace) -> int:
     import aiohttp
 
     from gateway.config.process import TOKEN_VARIABLE
-    from gateway.ops import post_message
+    from gateway.ops import check_url, local_url, post_message
 
     process = _process_settings(args)
     token = process.http.token
@@ -281,7 +289,11 @@ def _send(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFIG
-    url = args.url or f"http://{process.http.host}:{process.http.port}"
+    try:
+        url = check_url(args.url) if args.url else local_url(process.http)
+    except ValueError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     text = sys.stdin.read() if args.text == "-" else args.text
     body = {
         "to": args.to,

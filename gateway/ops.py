@@ -1,8 +1,10 @@
 """The operations endpoint: health, readiness, instance status and Prometheus metrics over HTTP.
 
 ``GET /healthz``       200 while the process runs.
-``GET /readyz``        200 when every running instance is connected, else 503; per-instance states.
-``GET /v1/instances``  the status of every running instance (what ``gateway status`` shows).
+``GET /readyz``        200 when every instance is connected, else 503; per-instance states.
+``GET /v1/instances``  the status of every instance (what ``gateway status`` shows): the running
+                       ones, and those stopping or failed to start during a reload.
+``GET /v1/instances/{name}``  the status of one instance.
 ``GET /metrics``       the gateway's metrics in the Prometheus text format.
 ``POST /v1/instances/{name}/messages``
                        send a proactive message through an instance (bearer token required; off
@@ -10,7 +12,9 @@
                        "conversation"|"user", "format": "text"|"markdown", "title": TEXT}``; an
                        ``Idempotency-Key`` header (or ``"idempotency_key"``) makes retries safe.
 
-It binds to 127.0.0.1 by default: nothing here needs to be public, and nothing secret is served.
+Every answer is JSON, errors too (``{"error": ...}``): unknown paths, wrong methods, bodies too large
+and unexpected failures (a 500 that says nothing of the cause, which is logged).  It binds to
+127.0.0.1 by default: nothing here needs to be public, and nothing secret is served.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -29,15 +35,17 @@ from gateway.config.process import TOKEN_VARIABLE, HttpSettings
 from gateway.errors import DriverError, RequestConflict, SendRejected
 from gateway.logs import redact
 from gateway.models import Outgoing, TargetKind
-from gateway.runtime import Gateway, InstanceRuntime
+from gateway.runtime import FailedStart, Gateway, InstanceRuntime
 from gateway.secrets import Secret
 from gateway.supervisor import InstanceState
 
 __all__ = [
     "OpsServer",
+    "check_url",
     "fetch_instances",
     "format_status",
     "instance_view",
+    "local_url",
     "parse_address",
     "post_message",
     "start_ops",
@@ -46,7 +54,7 @@ __all__ = [
 log = logging.getLogger("gateway")
 
 
-def instance_view(runtime: InstanceRuntime) -> dict[str, Any]:
+def instance_view(runtime: InstanceRuntime | FailedStart) -> dict[str, Any]:
     """One instance as ``/v1/instances`` shows it (JSON-ready)."""
     status = runtime.status
     return {
@@ -65,23 +73,28 @@ def instance_view(runtime: InstanceRuntime) -> dict[str, Any]:
 class OpsServer:
     """The HTTP server of one gateway; :meth:`start` binds it, :meth:`close` stops it."""
 
-    def __init__(self, gateway: Gateway, host: str, port: int, token: Secret | None = None) -> None:
+    def __init__(self, gateway: Gateway, settings: HttpSettings) -> None:
         self.gateway = gateway
-        self.host = host
-        self.port = port
-        self._token = token
+        self.host = settings.host
+        self.port = settings.port
+        self._token = settings.token
+        self._max_chars = settings.max_message_chars
         self._runner: web.AppRunner | None = None
-        app = web.Application(client_max_size=_MAX_BODY)
+        # Room for the longest text allowed with every character escaped as a JSON surrogate pair
+        # (12 bytes), plus the other fields; a larger body is refused before it is read.
+        self._max_body = _BODY_OVERHEAD + 12 * self._max_chars
+        app = web.Application(client_max_size=self._max_body, middlewares=[self._json_errors])
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/v1/instances", self._instances)
+        app.router.add_get("/v1/instances/{name}", self._instance)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/v1/instances/{name}/messages", self._send)
         self._app = app
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"http://{_url_host(self.host)}:{self.port}"
 
     async def start(self) -> None:
         runner = web.AppRunner(self._app, access_log=None)
@@ -104,18 +117,43 @@ class OpsServer:
             await self._runner.cleanup()
             self._runner = None
 
+    @web.middleware
+    async def _json_errors(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+        """Turn what aiohttp raises (404, 405, 413) and unexpected exceptions into JSON errors."""
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            # 405 names the methods that would work.
+            headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            return _error(exc.status, self._explain(exc, request), headers=headers)
+        except Exception:
+            # The cause may name internals (or, from a library, worse): logged (redacted), not sent.
+            log.exception("%s %s failed", request.method, request.path)
+            return _error(500, "internal error; the gateway logged the details")
+
+    def _explain(self, exc: web.HTTPException, request: web.Request) -> str:
+        match exc.status:
+            case 404:
+                return f"no such endpoint: {request.path}"
+            case 405:
+                allowed = exc.headers.get("Allow", "")
+                return f"{request.method} is not allowed on {request.path} (allowed: {allowed})"
+            case 413:
+                return f"the body is larger than {self._max_body} bytes"
+            case _:
+                return exc.reason
+
     def _views(self) -> dict[str, dict[str, Any]]:
-        return {
-            name: instance_view(runtime) for name, runtime in sorted(self.gateway.instances.items())
-        }
+        return {name: instance_view(entry) for name, entry in sorted(self.gateway.listed.items())}
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, request: web.Request) -> web.Response:
         instances = {
-            name: runtime.status.state.value
-            for name, runtime in sorted(self.gateway.instances.items())
+            name: entry.status.state.value for name, entry in sorted(self.gateway.listed.items())
         }
         ready = all(state == InstanceState.CONNECTED for state in instances.values())
         return web.json_response(
@@ -125,6 +163,13 @@ class OpsServer:
 
     async def _instances(self, request: web.Request) -> web.Response:
         return web.json_response({"instances": self._views()})
+
+    async def _instance(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        entry = self.gateway.listed.get(name)
+        if entry is None:
+            return _error(404, f"no instance named {name!r}")
+        return web.json_response(instance_view(entry))
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = self.gateway.metrics.exposition()
@@ -141,6 +186,10 @@ class OpsServer:
             )
         name = request.match_info["name"]
         if name not in self.gateway.instances:
+            entry = self.gateway.listed.get(name)
+            if entry is not None:
+                state = entry.status.state.value
+                return _error(503, f"instance {name!r} is not running (it is {state})")
             return _error(404, f"no running instance named {name!r}")
         try:
             body = await request.json()
@@ -151,6 +200,12 @@ class OpsServer:
             message = _outgoing(name, body, key)
         except ValueError as exc:
             return _error(400, str(exc))
+        if len(message.text) > self._max_chars:
+            return _error(
+                413,
+                f"'text' has {len(message.text)} characters; the limit is {self._max_chars} "
+                "([http] max_message_chars in gateway.toml)",
+            )
         try:
             sent = await self.gateway.send(message)
         except KeyError:  # stopped (reload) while the body was read
@@ -175,8 +230,9 @@ class OpsServer:
         )
 
 
-#: Larger bodies get 413: a proactive message is a chat message, not an upload.
-_MAX_BODY = 256 * 1024
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: What a body may hold besides the text (the other fields, JSON syntax).
+_BODY_OVERHEAD = 16 * 1024
 _FIELDS = {"to", "text", "target", "format", "title", "idempotency_key"}
 
 
@@ -234,7 +290,7 @@ async def start_ops(gateway: Gateway, settings: HttpSettings) -> OpsServer | Non
     than their dashboard."""
     if not settings.enabled:
         return None
-    server = OpsServer(gateway, settings.host, settings.port, settings.token)
+    server = OpsServer(gateway, settings)
     try:
         await server.start()
     except OSError as exc:
@@ -255,6 +311,38 @@ def parse_address(text: str) -> tuple[str, int]:
         raise ValueError(f"expected HOST:PORT, got {text!r}")
     host = host.strip("[]") or "127.0.0.1"
     return host, int(port)
+
+
+#: A wildcard bind address is reached through loopback on the same host.
+_LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def local_url(settings: HttpSettings) -> str:
+    """The URL a client on this host reaches the endpoint ``settings`` describe by (what ``gateway
+    status`` and ``gateway send`` use by default); ValueError if the port is not fixed."""
+    if not settings.port:
+        raise ValueError(
+            "the [http] port is 0 (any free port): give the URL the gateway logged at start"
+        )
+    host = _LOOPBACK.get(settings.host, settings.host)
+    return f"http://{_url_host(host)}:{settings.port}"
+
+
+def check_url(text: str) -> str:
+    """``text`` if it is an http(s) URL with a host; ValueError saying what is expected if not."""
+    try:
+        parts = urlsplit(text)
+        # .port raises ValueError for a port that is not a number from 0 to 65535.
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ValueError(f"invalid URL {text!r}: expected http://HOST:PORT")
+    return text
 
 
 def _when(epoch: object) -> str:
@@ -312,7 +400,7 @@ async def post_message(
     key = body.get("idempotency_key")
     if key:
         headers["Idempotency-Key"] = key
-    endpoint = f"{url.rstrip('/')}/v1/instances/{instance}/messages"
+    endpoint = f"{url.rstrip('/')}/v1/instances/{quote(instance, safe='')}/messages"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
         async with session.post(endpoint, json=body, headers=headers) as response:
             text = await response.text()

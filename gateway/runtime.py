@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import functools
 import gc
 import logging
@@ -58,9 +59,8 @@ from gateway.sessions import SessionScheduler
 from gateway.store import Database, FeedbackStore, HistoryStore, Inbox, Outbox
 from gateway.supervisor import InstanceState, InstanceStatus, Supervisor
 
-__all__ = ["Gateway", "InstanceRuntime", "ReloadResult"]
+__all__ = ["FailedStart", "Gateway", "InstanceRuntime", "ReloadResult", "StopReason"]
 
-_INTERRUPTED = "The answer was interrupted because the gateway is stopping."
 _EMPTY = "The agent returned no answer."
 _GAVE_UP = "This message could not be answered (it was interrupted by failures several times)."
 _STOPPED = "The answer was stopped."
@@ -72,6 +72,20 @@ _FINALISE_TIMEOUT = 5.0
 _ACK_FIRST = 0.05
 #: Admissions per event-loop step when a backlog is admitted.
 _ADMIT_CHUNK = 64
+
+
+class StopReason(enum.Enum):
+    """Why an instance stops; the value is what an answer interrupted by it tells the user."""
+
+    SHUTDOWN = "The answer was interrupted because the gateway is stopping."
+    #: a reload restarts the instance with a changed config (interrupted answers are not resumed)
+    RESTART = (
+        "The answer was interrupted because this bot is being reconfigured. "
+        "Please send your message again."
+    )
+    #: a reload removes or disables the instance: messages still queued are finalised too, since
+    #: no next start of it will resume them
+    REMOVED = "The answer was interrupted because this bot has been switched off."
 
 
 class InstanceRuntime:
@@ -91,6 +105,7 @@ class InstanceRuntime:
     ) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
+        self.metrics.track(config.name)
         self.instance = config.name
         self.logger = instance_logger(config.name)
         self.state_dir: Path = process.state_path / "instances" / config.name
@@ -106,6 +121,7 @@ class InstanceRuntime:
         self._resets: dict[str, int] = {}  # per session: how many /reset so far
         self._side: set[asyncio.Task[None]] = set()  # replies answered outside the turns
         self._accepting = True
+        self._stop_reason = StopReason.SHUTDOWN
         self._delivering = 0  # deliver() calls waiting for their inbox commit (unacknowledged)
         self._delivered = asyncio.Event()  # set when that count drops to 0
         self._admissions: collections.deque[Incoming] = collections.deque()  # stored, not admitted
@@ -248,10 +264,14 @@ class InstanceRuntime:
         for message in pending:
             await self._admit(message)
 
-    async def stop(self, grace: float) -> None:
-        """Stop taking messages, let turns finish for ``grace`` seconds, finalise the rest as
-        interrupted, then close the driver and the agent."""
+    async def stop(self, grace: float, reason: StopReason = StopReason.SHUTDOWN) -> None:
+        """Stop taking messages (the state is ``stopping`` meanwhile), let turns finish for
+        ``grace`` seconds, finalise the running ones as interrupted (the reply says ``reason``),
+        then close the driver and the agent.  Messages still queued stay pending for the next
+        start, except when the instance is removed: then they are finalised as well."""
         self._accepting = False
+        self.status.state = InstanceState.STOPPING
+        self._stop_reason = reason
         if self._admitter is not None:
             await self._admitter  # stored messages become turns (or stay queued) like the others
         if not await self._scheduler.wait(grace):
@@ -259,6 +279,11 @@ class InstanceRuntime:
                 "interrupting the answers still running", extra={"event": "interrupt"}
             )
             await self._scheduler.cancel()
+            if reason is StopReason.REMOVED:
+                for turns in self._waiting.values():
+                    for turn in turns:
+                        self._drop(turn, reason.value)
+                self._waiting.clear()
         if self._side:
             await asyncio.wait(set(self._side), timeout=_FINALISE_TIMEOUT)
         self._supervisor.stopping = True
@@ -360,7 +385,7 @@ class InstanceRuntime:
             return
         if policy == "interrupt":
             for turn in waiting:
-                self._supersede(turn)
+                self._drop(turn, _SUPERSEDED)
             waiting.clear()
             running = self._running.get(key)
             if running is not None and self._scheduler.session_running(key):
@@ -376,8 +401,8 @@ class InstanceRuntime:
             if not waiting:
                 self._waiting.pop(key, None)
             try:
-                if turn.superseded:
-                    return  # finalised when it was superseded
+                if turn.dropped:
+                    return  # finalised when it was dropped
                 self._running[key] = turn
                 await self._answer(turn)
             finally:
@@ -391,13 +416,14 @@ class InstanceRuntime:
         self.status.in_flight += 1
         return _Part(message, checked, self._open_stream(message))
 
-    def _supersede(self, turn: _Turn) -> None:
-        """Finalise a turn that has not started, replaced by a newer message (busy = interrupt)."""
-        turn.superseded = True
+    def _drop(self, turn: _Turn, reply: str) -> None:
+        """Finalise a turn that has not started (replaced by a newer message with busy =
+        interrupt, or its instance removed) with ``reply``."""
+        turn.dropped = True
 
         async def finalise() -> None:
             for part in turn.parts:
-                await part.stream.fail("", _SUPERSEDED)
+                await part.stream.fail("", reply)
                 await self._inbox.finish(Reply.for_message(part.original, "", Outcome.INTERRUPTED))
                 self.metrics.message(self.instance, Outcome.INTERRUPTED.value)
 
@@ -604,7 +630,7 @@ class InstanceRuntime:
             )
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(_FINALISE_TIMEOUT):
-                    await stream.fail(text, turn.cancel_reply)
+                    await stream.fail(text, turn.cancel_reply or self._stop_reason.value)
                     await self._finish_turn(turn, text, outcome)
             raise
         except Exception:
@@ -645,13 +671,9 @@ class _Turn:
     key: str
     parts: list[_Part]
     collecting: bool = False
-    superseded: bool = False
-    #: what the reply says if the turn is cancelled (shutdown unless /stop or a newer message)
+    dropped: bool = False
+    #: what the reply says if /stop or a newer message cancels the turn ("": the instance stopped)
     cancel_reply: str = ""
-
-    def __attrs_post_init__(self) -> None:
-        if not self.cancel_reply:
-            self.cancel_reply = _INTERRUPTED
 
 
 def _merge(messages: list[Incoming]) -> Incoming:
@@ -709,6 +731,15 @@ class ReloadResult:
         return "reload: " + "; ".join(parts)
 
 
+@attrs.define
+class FailedStart:
+    """An enabled instance whose start raised during a reload.  It is listed (state ``failed``,
+    so the gateway is not ready) until a later reload starts it or removes it."""
+
+    config: InstanceConfig
+    status: InstanceStatus
+
+
 class Gateway:
     """All instances of one process, and what they share."""
 
@@ -719,9 +750,19 @@ class Gateway:
         self.feedback = FeedbackStore(db)
         self.history = HistoryStore(db)
         self.outbox = Outbox(db, ttl=process.inbox_ttl)
+        #: the running instances (what messages and proactive sends go to)
         self.instances: dict[str, InstanceRuntime] = {}
-        self.metrics = Metrics(lambda: self.instances)
+        self._stopping: dict[str, InstanceRuntime] = {}  # draining, no longer in ``instances``
+        self._failed: dict[str, FailedStart] = {}
+        self.metrics = Metrics(lambda: self.listed)
         self._prune_task: asyncio.Task[None] | None = None
+
+    @property
+    def listed(self) -> dict[str, InstanceRuntime | FailedStart]:
+        """Every instance the operator should see, by name: the running ones, the ones stopping
+        (draining during a reload) and the ones whose start failed.  Readiness is judged on these:
+        an instance that vanished while stopping or failing would let ``/readyz`` say ready."""
+        return {**self._failed, **self._stopping, **self.instances}
 
     @classmethod
     async def open(cls, process: ProcessSettings) -> Gateway:
@@ -746,18 +787,29 @@ class Gateway:
             **runtime_options,  # type: ignore[arg-type]
         )
         self.instances[config.name] = runtime
+        self._failed.pop(config.name, None)
         runtime.start()
         if self._prune_task is None:
             self._prune_task = asyncio.get_running_loop().create_task(self._prune_forever())
         return runtime
 
-    async def stop(self, name: str, grace: float | None = None) -> None:
+    async def stop(
+        self, name: str, grace: float | None = None, reason: StopReason = StopReason.SHUTDOWN
+    ) -> None:
+        """Stop the running instance ``name`` (see :meth:`InstanceRuntime.stop`); it is listed as
+        stopping until it has stopped.  A removed instance's metrics go with it."""
         runtime = self.instances.pop(name)
-        await runtime.stop(self.process.shutdown_grace if grace is None else grace)
+        self._stopping[name] = runtime
+        try:
+            await runtime.stop(self.process.shutdown_grace if grace is None else grace, reason)
+        finally:
+            del self._stopping[name]
+            if reason is StopReason.REMOVED:
+                self.metrics.forget(name)
 
     async def restart(self, config: InstanceConfig) -> None:
         if config.name in self.instances:
-            await self.stop(config.name)
+            await self.stop(config.name, reason=StopReason.RESTART)
         self.start(config)
 
     async def apply(
@@ -777,18 +829,32 @@ class Gateway:
         )
         unchanged = sorted(n for n in wanted if n in self.instances and n not in restarted)
         started = sorted(n for n in wanted if n not in self.instances)
-        stopping = [*stopped, *restarted]
-        results = await asyncio.gather(*(self.stop(n) for n in stopping), return_exceptions=True)
-        for name, result in zip(stopping, results, strict=True):
+        for name in [n for n in self._failed if n not in wanted]:
+            del self._failed[name]  # it never ran: nothing to stop
+            self.metrics.forget(name)
+        stopping = [
+            *((n, StopReason.REMOVED) for n in stopped),
+            *((n, StopReason.RESTART) for n in restarted),
+        ]
+        results = await asyncio.gather(
+            *(self.stop(n, reason=reason) for n, reason in stopping), return_exceptions=True
+        )
+        for (name, _), result in zip(stopping, results, strict=True):
             if isinstance(result, BaseException):
                 log.error("instance %s: stopping failed: %r", name, result)
         failed = []
         for name in sorted([*restarted, *started]):
             try:
                 self.start(wanted[name], **runtime_options)
-            except Exception:
+            except Exception as exc:
                 log.exception("instance %s: starting failed", name)
                 failed.append(name)
+                status = InstanceStatus(
+                    driver=wanted[name].driver_type,
+                    state=InstanceState.FAILED,
+                    last_error=f"starting failed: {type(exc).__name__}: {exc}",
+                )
+                self._failed[name] = FailedStart(wanted[name], status)
         return ReloadResult(
             started=[n for n in started if n not in failed],
             stopped=stopped,

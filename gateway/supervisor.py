@@ -36,6 +36,7 @@ class InstanceState(enum.StrEnum):
     CONNECTED = "connected"
     RECONNECTING = "reconnecting"
     FAILED = "failed"  # the last attempt failed with an error that needs a fix (auth, config)
+    STOPPING = "stopping"  # draining: no new messages, the answers in flight finish
     STOPPED = "stopped"
 
 
@@ -83,10 +84,16 @@ class Supervisor:
     def connected(self) -> None:
         """Called by the driver (through its context) once its session is up."""
         self._connected_at = self._clock()
-        self.status.state = InstanceState.CONNECTED
+        self._set_state(InstanceState.CONNECTED)
         self.status.connected_since = time.time()
         self._reported_error = ""
         self._log.info("connected", extra={"event": "connected"})
+
+    def _set_state(self, state: InstanceState) -> None:
+        # A draining instance still (re)connects so its answers can be delivered, but it must keep
+        # showing "stopping": readiness and `gateway status` would call it healthy otherwise.
+        if self.status.state is not InstanceState.STOPPING:
+            self.status.state = state
 
     async def run(self) -> None:
         retrying = tenacity.AsyncRetrying(
@@ -132,7 +139,7 @@ class Supervisor:
         self.status.connected_since = None
         self.status.last_error = f"{type(exc).__name__}: {exc}"
         needs_fix = isinstance(exc, AuthenticationError | DriverConfigError)
-        self.status.state = InstanceState.FAILED if needs_fix else InstanceState.RECONNECTING
+        self._set_state(InstanceState.FAILED if needs_fix else InstanceState.RECONNECTING)
         if needs_fix:
             if str(exc) != self._reported_error:
                 self._reported_error = str(exc)

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 from test_cli import echo_instance, setup_folder, start_gateway
-from test_ops import get, samples
+from test_ops import get, memory_instance, samples
 
 from gateway_testkit.process import (
     GatewayProcess,
@@ -45,12 +45,18 @@ async def post(
 
 
 async def boot(
-    gateways: GatewayProcesses, root: Path, *, token: str | None, toml: str = ""
+    gateways: GatewayProcesses,
+    root: Path,
+    *,
+    token: str | None,
+    toml: str = "",
+    others: dict[str, str] | None = None,
 ) -> tuple[GatewayProcess, str, int]:
-    """A gateway with one echo instance ``bot`` (parts of at most 40 characters)."""
+    """A gateway with one echo instance ``bot`` (parts of at most 40 characters), and ``others``."""
     port = free_port()
     instance = echo_instance(port, settings="max_text_length = 40\n")
-    setup_folder(root, {"bot": instance}, gateway_toml=f"[http]\nport = 0\n{toml}")
+    instances = {"bot": instance, **(others or {})}
+    setup_folder(root, instances, gateway_toml=f"[http]\nport = 0\n{toml}")
     env = loopback_env({"GATEWAY_API_TOKEN": token}, drop=["GATEWAY_API_TOKEN"])
     gateway = start_gateway(gateways, root, env=env, global_args=("--log-level", "debug"))
     stderr = await gateway.wait_log("http endpoint listening on http://")
@@ -203,5 +209,72 @@ async def test_gateway_send_command(tmp_path: Path, gateways: GatewayProcesses) 
     for result in (refused, wrong, missing):
         assert "Traceback" not in result.stderr and TOKEN not in result.stderr
 
+    gateway.send(signal.SIGTERM)
+    assert await gateway.wait_exit(10) == 0, gateway.describe()
+
+
+async def test_limits_and_unexpected_failures_are_json_errors(
+    tmp_path: Path, gateways: GatewayProcesses
+) -> None:
+    faulty = memory_instance(f'send_error = "driver bug near {TOKEN}"')
+    gateway, base, port = await boot(
+        gateways,
+        tmp_path,
+        token=TOKEN,
+        toml="max_message_chars = 100\n",
+        others={"faulty": faulty},
+    )
+    url = f"{base}/v1/instances/bot/messages"
+
+    # The text limit ([http] max_message_chars) is named in the refusal.
+    status, body, _ = await post(url, {"to": "c9", "text": "x" * 101})
+    assert status == 413, body
+    assert "101 characters" in body["error"] and "limit is 100" in body["error"]
+    assert "max_message_chars" in body["error"]
+    # A body far beyond what the limit allows is refused before it is parsed.
+    status, body, _ = await post(url, {"to": "c9", "text": "x" * 100_000})
+    assert status == 413 and "the body is larger than" in body["error"], body
+    assert await sent_messages(port) == []
+    status, body, _ = await post(url, {"to": "c9", "text": "y" * 100})
+    assert status == 200 and body["parts"] == 3, body
+
+    # An unexpected exception in a driver's send: a 500 that tells nothing, a logged traceback,
+    # the failure counted, and the idempotency key free for a retry (nothing was sent).
+    faulty_url = f"{base}/v1/instances/faulty/messages"
+    for _ in range(2):
+        status, body, _ = await post(
+            faulty_url, {"to": "c1", "text": "hi"}, headers={"Idempotency-Key": "k"}
+        )
+        assert status == 500, body
+        assert body == {"error": "internal error; the gateway logged the details"}
+    stderr = await gateway.wait_log("RuntimeError: driver bug near ***")
+    assert "POST /v1/instances/faulty/messages failed" in stderr
+    metrics = samples((await get(f"{base}/metrics"))[2])
+    assert (
+        metrics[("gateway_messages_total", (("instance", "faulty"), ("outcome", "send_failed")))]
+        == 2
+    )
+
+    gateway.send(signal.SIGTERM)
+    assert await gateway.wait_exit(10) == 0, gateway.describe()
+    assert TOKEN not in gateway.stderr + gateway.stdout
+
+
+async def test_gateway_send_quotes_the_instance_name(
+    tmp_path: Path, gateways: GatewayProcesses
+) -> None:
+    gateway, base, port = await boot(gateways, tmp_path, token=TOKEN)
+    env = loopback_env({"GATEWAY_API_TOKEN": TOKEN})
+    result = await asyncio.to_thread(
+        run_cli, "send", "no/such", "--to", "c1", "x", "--url", base, cwd=tmp_path, env=env
+    )
+    assert result.returncode == 1
+    # One path segment reached the server: its answer names the whole name.
+    assert "HTTP 404" in result.stderr and "no running instance named 'no/such'" in result.stderr
+    invalid = await asyncio.to_thread(
+        run_cli, "send", "bot", "--to", "c1", "x", "--url", "bot", cwd=tmp_path, env=env
+    )
+    assert invalid.returncode == 2 and "invalid URL 'bot'" in invalid.stderr
+    assert await sent_messages(port) == []
     gateway.send(signal.SIGTERM)
     assert await gateway.wait_exit(10) == 0, gateway.describe()

@@ -57,6 +57,14 @@ class HttpSettings:
             f"{TOKEN_VARIABLE} environment variable); without one, sending is off"
         },
     )
+    max_message_chars: int = attrs.field(
+        default=20_000,
+        validator=[attrs.validators.ge(1), attrs.validators.le(1_000_000)],
+        metadata={
+            "help": "longest text POST /v1/instances/NAME/messages takes (characters); a longer "
+            "one is refused with 413 rather than sent as dozens of parts"
+        },
+    )
 
 
 @attrs.frozen

@@ -1,4 +1,8 @@
-"""An in-memory driver: the platform is this object, so runtime tests can drive the core directly."""
+"""An in-memory driver: the platform is this object, so runtime tests can drive the core directly.
+
+Also installed as the ``memory`` driver (entry point) for end-to-end tests of the core's reactions
+to a faulty driver: ``init_error`` and ``send_error`` are test seams, nothing a real driver has.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import itertools
 import attrs
 
 from gateway.driver import Capabilities, Driver, ReplyChannel
-from gateway.models import Incoming
+from gateway.models import Incoming, Outgoing
 from gateway_testkit.channels import RecordingChannel
 
 
@@ -20,6 +24,10 @@ class MemorySettings:
     crash: bool = False
     max_text_length: int = 0
     edits: bool = True
+    #: the constructor raises RuntimeError(init_error) (an instance that cannot even start)
+    init_error: str = ""
+    #: send() raises RuntimeError(send_error) (a driver bug on the outbound path)
+    send_error: str = ""
 
 
 class MemoryDriver(Driver):
@@ -30,8 +38,11 @@ class MemoryDriver(Driver):
     _ids = itertools.count(1)
 
     def __init__(self, settings: MemorySettings, context: object) -> None:
+        if settings.init_error:
+            raise RuntimeError(settings.init_error)
         super().__init__(settings, context)  # type: ignore[arg-type]
         self.replies: dict[str, RecordingChannel] = {}
+        self.sent: list[Outgoing] = []  # proactive messages, in order
         self.finished: list[str] = []  # message ids in the order their replies ended
         self.serves = 0
         self.closed = asyncio.Event()
@@ -41,6 +52,7 @@ class MemoryDriver(Driver):
         return Capabilities(
             edits=self.settings.edits,
             feedback=True,
+            proactive=True,
             max_text_length=self.settings.max_text_length or None,
         )
 
@@ -55,6 +67,12 @@ class MemoryDriver(Driver):
 
     async def close(self) -> None:
         self.closed.set()
+
+    async def send(self, message: Outgoing) -> str:
+        if self.settings.send_error:
+            raise RuntimeError(self.settings.send_error)
+        self.sent.append(message)
+        return f"sent-{len(self.sent)}"
 
     def open_reply(self, message: Incoming) -> ReplyChannel:
         channel = self.replies.get(message.message_id)
