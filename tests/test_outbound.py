@@ -50,10 +50,11 @@ async def boot(
     *,
     token: str | None,
     toml: str = "",
+    port: int = 0,
     others: dict[str, str] | None = None,
 ) -> tuple[GatewayProcess, str, int]:
     """A gateway with one echo instance ``bot`` (parts of at most 40 characters), and ``others``."""
-    port = free_port()
+    port = port or free_port()
     instance = echo_instance(port, settings="max_text_length = 40\n")
     instances = {"bot": instance, **(others or {})}
     setup_folder(root, instances, gateway_toml=f"[http]\nport = 0\n{toml}")
@@ -276,5 +277,49 @@ async def test_gateway_send_quotes_the_instance_name(
     )
     assert invalid.returncode == 2 and "invalid URL 'bot'" in invalid.stderr
     assert await sent_messages(port) == []
+    gateway.send(signal.SIGTERM)
+    assert await gateway.wait_exit(10) == 0, gateway.describe()
+
+
+async def test_an_idempotency_key_survives_a_restart(
+    tmp_path: Path, gateways: GatewayProcesses
+) -> None:
+    """The keys are in the state directory's database: a client retrying after the gateway was
+    restarted gets the first answer, and nothing is sent twice."""
+    hello = {"to": "c9", "text": "hello once"}
+    keyed = {"Idempotency-Key": "restart-1"}
+    first, base, port = await boot(gateways, tmp_path, token=TOKEN)
+    status, body, _ = await post(f"{base}/v1/instances/bot/messages", hello, headers=keyed)
+    assert status == 200 and body["replayed"] is False
+    first.send(signal.SIGTERM)
+    assert await first.wait_exit(10) == 0, first.describe()
+
+    second, base, _ = await boot(gateways, tmp_path, token=TOKEN, port=port)
+    status, again, _ = await post(f"{base}/v1/instances/bot/messages", hello, headers=keyed)
+    assert status == 200 and again["replayed"] is True, again
+    assert again["message_ids"] == body["message_ids"]
+    assert await sent_messages(port) == []  # echo's list is new with the process: nothing sent
+    second.send(signal.SIGTERM)
+    assert await second.wait_exit(10) == 0, second.describe()
+
+
+async def test_concurrent_requests_with_one_key_send_once(
+    tmp_path: Path, gateways: GatewayProcesses
+) -> None:
+    gateway, base, port = await boot(gateways, tmp_path, token=TOKEN)
+    url = f"{base}/v1/instances/bot/messages"
+    hello = {"to": "c9", "text": "only once, please"}
+    answers = await asyncio.gather(
+        *(post(url, hello, headers={"Idempotency-Key": "same"}) for _ in range(20))
+    )
+    firsts = [body for status, body, _ in answers if status == 200 and not body["replayed"]]
+    assert len(firsts) == 1, answers
+    for status, body, _ in answers:
+        # The others either replay the first answer or are told it is still in progress.
+        if status == 200:
+            assert body["message_ids"] == firsts[0]["message_ids"]
+        else:
+            assert status == 409 and "in progress" in body["error"], body
+    assert len(await sent_messages(port)) == 1
     gateway.send(signal.SIGTERM)
     assert await gateway.wait_exit(10) == 0, gateway.describe()
