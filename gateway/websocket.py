@@ -11,7 +11,11 @@ import aiohttp
 
 from gateway.errors import ConnectionLost
 
-__all__ = ["FrameTasks", "messages"]
+__all__ = ["DRAIN_TIMEOUT", "FrameTasks", "messages"]
+
+#: How long :meth:`FrameTasks.drain` waits for frames being handled (an inbox write takes
+#: milliseconds; a second covers a busy disk without stretching the shutdown much).
+DRAIN_TIMEOUT = 1.0
 
 _ENDED = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED)
 
@@ -51,7 +55,13 @@ async def messages(
 
 class FrameTasks:
     """The tasks handling frames, so the inbox write of one frame never holds up the next one (and
-    the core can batch concurrent writes into one commit); all cancelled when the session ends."""
+    the core can batch concurrent writes into one commit).
+
+    When the session ends because the connection is gone, :meth:`cancel` them: their ACKs could not
+    be sent anyway.  When the driver closes, :meth:`drain` them *before* closing the socket: a
+    message that is being stored must still be ACKed, or the platform pushes it again, perhaps to
+    another replica, which answers it a second time.
+    """
 
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
@@ -60,6 +70,17 @@ class FrameTasks:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def drain(self, timeout: float = DRAIN_TIMEOUT) -> None:
+        """Give the running tasks up to ``timeout`` seconds to finish, then cancel what is left.
+
+        Only the tasks running when it is called are waited for: frames that arrive meanwhile meet
+        a core that no longer accepts messages (``ShuttingDown``), are not ACKed and come again.
+        A bounded wait, so a stuck inbox cannot hold up the shutdown."""
+        running = set(self._tasks)
+        if running and timeout > 0:
+            await asyncio.wait(running, timeout=timeout)
+        await self.cancel()
 
     async def cancel(self) -> None:
         tasks = set(self._tasks)
