@@ -4,6 +4,12 @@ Settings classes type credential fields as :class:`Secret`.  ``str()``, ``repr()
 Secret give ``***``; the only way to the value is :meth:`Secret.reveal`, which makes every use of a
 credential easy to find in review.  Every Secret created is also registered with the log redactor
 (:mod:`gateway.logs`), so a value that leaks into an exception message from a library is still masked.
+
+Drivers wrap the credentials they obtain at run time too (access tokens, connection tickets) as
+``Secret(value, short_lived=True)``: masked the same way, but only the latest
+:data:`SHORT_LIVED_KEPT` of them are remembered, as a process that runs for months fetches a new
+token every few hours and a new ticket on every reconnect, and the redactor looks for every value
+it knows in every log line.  The old ones have expired by then.
 """
 
 from __future__ import annotations
@@ -11,9 +17,11 @@ from __future__ import annotations
 import threading
 from typing import Any, ClassVar
 
-__all__ = ["Secret", "known_secret_values"]
+__all__ = ["SHORT_LIVED_KEPT", "Secret", "known_secret_values"]
 
 _MASK = "***"
+#: How many short-lived secrets the redactor remembers (the most recent ones).
+SHORT_LIVED_KEPT = 256
 
 
 class Secret:
@@ -22,16 +30,24 @@ class Secret:
     __slots__ = ("_value",)
 
     _registry: ClassVar[set[str]] = set()
+    # Insertion-ordered: the oldest short-lived value is forgotten first.
+    _short_lived: ClassVar[dict[str, None]] = {}
     _lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, value: str) -> None:
+    def __init__(self, value: str, *, short_lived: bool = False) -> None:
         if not isinstance(value, str):
             raise TypeError("Secret wraps a str")
         self._value = value
         # Short values would make the redactor mask ordinary words; they are weak secrets anyway.
         if len(value) >= 4:
             with Secret._lock:
-                Secret._registry.add(value)
+                if not short_lived:
+                    Secret._registry.add(value)
+                elif value not in Secret._registry:
+                    Secret._short_lived.pop(value, None)
+                    Secret._short_lived[value] = None
+                    while len(Secret._short_lived) > SHORT_LIVED_KEPT:
+                        del Secret._short_lived[next(iter(Secret._short_lived))]
 
     def reveal(self) -> str:
         return self._value
@@ -62,4 +78,4 @@ class Secret:
 def known_secret_values() -> frozenset[str]:
     """Every secret value created in this process (for the log redactor)."""
     with Secret._lock:
-        return frozenset(Secret._registry)
+        return frozenset(Secret._registry.union(Secret._short_lived))
