@@ -22,6 +22,8 @@ import pytest
 
 from gateway.config import ProcessSettings, load_instance, load_instances
 from gateway.errors import ConfigError
+from gateway.logs import redact
+from gateway.models import Incoming
 from gateway.plugins import PluginRegistry
 from gateway.runtime import Gateway, InstanceRuntime
 from gateway.store.inbox import InboxEntry
@@ -473,6 +475,54 @@ async def test_a_connection_dropped_while_a_message_is_being_stored_still_answer
             "stored while the socket dies",
         )
         assert len(creates(emu, track(sent))) == 1
+
+
+async def test_stop_waits_for_the_ack_of_a_message_being_stored(
+    start: Start, emu: DingTalkEmulator, gateway: Gateway
+) -> None:
+    """A message stored but not acknowledged would be delivered again, perhaps to another replica
+    that answers it a second time: closing lets it finish storing and ACK before the socket
+    closes."""
+    emu.ack_timeout = 0.5
+    async with asyncio.timeout(10):
+        runtime = await start()
+        real_deliver = runtime.deliver
+        storing = asyncio.Event()
+
+        async def slow_deliver(message: Incoming) -> bool:
+            storing.set()
+            stored = await real_deliver(message)
+            await asyncio.sleep(0.3)  # a busy disk: the commit takes its time
+            return stored
+
+        runtime.deliver = slow_deliver  # type: ignore[method-assign]
+        sent = await emu.send_message(text="stored while stopping")
+        await storing.wait()
+        await gateway.stop("bot", grace=0)
+        assert runtime.status.state is InstanceState.STOPPED
+        assert emu.acked(sent.msg_id), "the stored message was not acknowledged"
+        await asyncio.sleep(0.8)  # longer than the ack timeout: no redelivery
+        assert emu.deliveries(sent.msg_id) == 1
+        assert await gateway.inbox.entry("bot", sent.msg_id) is not None
+
+
+async def test_the_access_token_and_the_stream_ticket_never_reach_the_logs(
+    start: Start, emu: DingTalkEmulator
+) -> None:
+    async with asyncio.timeout(10):
+        await start()
+        await ended_card(emu, await ask(emu, "mask them"))
+    tickets = [c.response["ticket"] for c in emu.calls if c.path.endswith("/connections/open")]
+    tokens = [c.response["accessToken"] for c in emu.calls if c.path == TOKEN]
+    assert tickets and tokens
+    failure = (
+        f"stream connection failed: wss://127.0.0.1/connect?ticket={tickets[0]}; "
+        f"x-acs-dingtalk-access-token: {tokens[0]}"
+    )
+    shown = redact(failure)
+    for credential in (*tickets, *tokens):
+        assert credential not in shown
+    assert "stream connection failed" in shown
 
 
 async def test_a_system_disconnect_is_acked_and_reconnected_at_once(

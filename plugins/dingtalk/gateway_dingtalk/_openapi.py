@@ -20,6 +20,7 @@ import aiohttp
 
 from gateway.errors import AuthenticationError, DriverError, RateLimited, RetryableError
 from gateway.ratelimit import CallOutcome, TokenBucket, call_with_retry
+from gateway.secrets import Secret
 from gateway_dingtalk.settings import DingTalkSettings
 
 __all__ = ["OpenApi", "OpenApiError"]
@@ -57,7 +58,8 @@ class OpenApi:
         self._session = session
         self._bucket = bucket
         self._log = logger
-        self._token = ""
+        # A Secret, so the log redactor masks it wherever it shows up (an error from a library).
+        self._token: Secret | None = None
         self._token_expires = 0.0
         self._token_lock = asyncio.Lock()
         self._on_outcome = on_outcome
@@ -94,10 +96,10 @@ class OpenApi:
 
     async def token(self) -> str:
         if self._token and time.monotonic() < self._token_expires:
-            return self._token
+            return self._token.reveal()
         async with self._token_lock:  # one fetch for all the callers that found it expired
             if self._token and time.monotonic() < self._token_expires:
-                return self._token
+                return self._token.reveal()
             body = {
                 "appKey": self._settings.client_id,
                 "appSecret": self._settings.client_secret.reveal(),
@@ -111,14 +113,15 @@ class OpenApi:
                         f"({exc.code})"
                     ) from None
                 raise
-            self._token = str(data["accessToken"])
+            token = str(data["accessToken"])
+            self._token = Secret(token, short_lived=True)
             lifetime = float(data.get("expireIn", 7200))
             self._token_expires = time.monotonic() + max(lifetime - _TOKEN_MARGIN, lifetime / 2)
-            return self._token
+            return token
 
     def _invalidate(self, token: str) -> None:
-        if self._token == token:
-            self._token = ""
+        if self._token is not None and self._token.reveal() == token:
+            self._token = None
 
     async def _retrying(self, once: Callable[[], Any]) -> dict[str, Any]:
         result: dict[str, Any] = await call_with_retry(

@@ -40,6 +40,7 @@ from gateway.errors import (
 )
 from gateway.models import FeedbackEvent, Incoming, Outgoing, TargetKind
 from gateway.ratelimit import rate_limits
+from gateway.secrets import Secret
 from gateway.websocket import FrameTasks, messages
 from gateway_dingtalk._openapi import OpenApi, OpenApiError
 from gateway_dingtalk._payload import TOPIC_BOT, incoming_from_dingtalk, resolve_attachments
@@ -119,6 +120,10 @@ class DingTalkDriver(Driver):
         self._closing = False
         endpoint, ticket = await self._open_connection()
         url = f"{endpoint}?ticket={urllib.parse.quote_plus(ticket)}"
+        # The ticket opens a connection for the app: masked in logs like the client secret (an
+        # error from aiohttp may name the URL).
+        Secret(ticket, short_lived=True)
+        Secret(urllib.parse.quote_plus(ticket), short_lived=True)
         try:
             # heartbeat: websocket pings every 20 s, so a half-open TCP connection is noticed.
             ws = await self._session().ws_connect(
@@ -179,6 +184,9 @@ class DingTalkDriver(Driver):
 
     async def close(self) -> None:
         self._closing = True
+        # Messages being stored are ACKed before the socket closes: one stored but not ACKed would
+        # be delivered again, perhaps to another replica, and answered twice.
+        await self._frame_tasks.drain()
         ws = self._ws
         if ws is not None:
             await ws.close()
