@@ -679,8 +679,30 @@ async def test_card_rate_limits(emu: FeishuEmulator, http: aiohttp.ClientSession
                 )
             )
     assert statuses[:10] == [(200, 0, None)] * 10
-    assert statuses[10:] == [(429, 99991400, "10")] * 2
+    # The per-card limit's answer is undocumented: like the app's, without the gateway's headers
+    # (no "x-ogw-ratelimit-limit: 10" that a client would take for the app's limit).
+    assert statuses[10:] == [(429, 99991400, None)] * 2
     assert {r.limit for r in emu.rejection_log} == {"card"} and sum(emu.rejections.values()) == 2
+
+
+async def test_app_limit_answers_carry_the_gateway_headers(
+    feishu_emulator_factory: Factory, http: aiohttp.ClientSession
+) -> None:
+    emu = await feishu_emulator_factory(app_rate_limit=2)
+    tok = await token(http, emu)
+    answers = []
+    for _ in range(3):
+        async with http.post(
+            emu.url + "/open-apis/cardkit/v1/cards",
+            json={"type": "card_json", "data": card_json()},
+            headers={"Authorization": f"Bearer {tok}"},
+        ) as resp:
+            answers.append((resp.status, resp.headers.get("x-ogw-ratelimit-limit")))
+    assert answers == [(200, None), (200, None), (429, "2")]
+    emu.fail_next("/open-apis/im/", http_status=429)  # injected: the app's limit too
+    status, answer = await call(http, emu, "POST", "/open-apis/im/v1/messages", tok, {})
+    assert (status, answer["code"]) == (429, 99991400)
+    assert emu.calls[-1].status == 429
 
 
 async def test_app_minute_limit(
@@ -716,17 +738,86 @@ async def test_app_minute_limit(
 async def test_streaming_timeout(
     feishu_emulator_factory: Factory, http: aiohttp.ClientSession
 ) -> None:
-    emu = await feishu_emulator_factory(streaming_timeout=0.1)
+    emu = await feishu_emulator_factory(streaming_timeout=0.2)
     tok = await token(http, emu)
     card_id = await create_card(http, emu, tok)
-    await asyncio.sleep(0.2)
+    card = emu.cards[card_id]
     element = f"/open-apis/cardkit/v1/cards/{card_id}/elements/md/content"
-    assert (await call(http, emu, "PUT", element, tok, {"content": "late", "sequence": 1}))[1][
-        "code"
-    ] == 200850
-    assert (await call(http, emu, "PUT", element, tok, {"content": "later", "sequence": 2}))[1][
-        "code"
-    ] == 300309
+    settings = f"/open-apis/cardkit/v1/cards/{card_id}/settings"
+
+    async def content(text: str, sequence: int) -> int:
+        body = {"content": text, "sequence": sequence}
+        return int((await call(http, emu, "PUT", element, tok, body))[1]["code"])
+
+    async def streaming(on: bool, sequence: int) -> int:
+        body = {"settings": json.dumps({"config": {"streaming_mode": on}}), "sequence": sequence}
+        return int((await call(http, emu, "PATCH", settings, tok, body))[1]["code"])
+
+    assert await content("early", 1) == 0
+    await asyncio.sleep(0.3)
+    # The first call after the timeout hears about it, later ones that streaming is closed.
+    assert await content("late", 2) == 200850
+    assert not card.streaming_mode and not card.finished and card.timed_out_at is not None
+    assert await content("later", 3) == 300309
+    assert [v.kind for v in emu.violations] == ["update_after_close"]  # it was told
+    # Turning streaming on again restarts the clock.
+    assert await streaming(True, 4) == 0
+    assert await content("again", 5) == 0 and card.contents["md"] == "again"
+    # A timeout the client never streamed into does not finish the card; switching it off does.
+    emu.expire_streaming(card_id)
+    assert not card.streaming_mode and not card.finished
+    assert await streaming(False, 6) == 0 and card.finished
+    # A full update needs no streaming mode.
+    card2 = emu.cards[await create_card(http, emu, tok)]
+    emu.expire_streaming(card2.card_id)
+    final = json.dumps(
+        {
+            "schema": "2.0",
+            "config": {"streaming_mode": False},
+            "body": {"elements": [{"tag": "markdown", "element_id": "md", "content": "done"}]},
+        }
+    )
+    body = {"card": {"type": "card_json", "data": final}, "sequence": 1}
+    path = f"/open-apis/cardkit/v1/cards/{card2.card_id}"
+    assert (await call(http, emu, "PUT", path, tok, body))[1]["code"] == 0
+    assert card2.finished and card2.contents == {"md": "done"}
+
+
+async def test_a_card_entity_is_sent_only_once(
+    feishu_emulator_factory: Factory, http: aiohttp.ClientSession
+) -> None:
+    emu = await feishu_emulator_factory(uuid_window=0.3)
+    tok = await token(http, emu)
+    chat = emu.add_chat("ops").id
+    text = {"receive_id": chat, "msg_type": "text", "content": json.dumps({"text": "hi"})}
+    status, parent = await call(
+        http, emu, "POST", "/open-apis/im/v1/messages", tok, text, receive_id_type="chat_id"
+    )
+    assert status == 200, parent
+    card_id = await create_card(http, emu, tok)
+    content = json.dumps({"type": "card", "data": {"card_id": card_id}})
+    reply = f"/open-apis/im/v1/messages/{parent['data']['message_id']}/reply"
+    body = {"msg_type": "interactive", "content": content, "uuid": "send-once"}
+    first = (await call(http, emu, "POST", reply, tok, body))[1]
+    assert first["code"] == 0, first
+    # The same uuid within its window is the same send: the first message comes back.
+    again = (await call(http, emu, "POST", reply, tok, body))[1]
+    assert again["data"]["message_id"] == first["data"]["message_id"]
+    # Another send of that card, to the chat or as a reply (or the same uuid later), is refused.
+    status, other = await call(
+        http,
+        emu,
+        "POST",
+        "/open-apis/im/v1/messages",
+        tok,
+        {"receive_id": chat, "msg_type": "interactive", "content": content},
+        receive_id_type="chat_id",
+    )
+    assert (status, other["code"]) == (400, 230099)
+    await asyncio.sleep(0.4)
+    status, late = await call(http, emu, "POST", reply, tok, body)
+    assert (status, late["code"]) == (400, 230099)
+    assert emu.cards[card_id].message_ids == [first["data"]["message_id"]]
 
 
 # -- card callbacks --------------------------------------------------------------------------------------

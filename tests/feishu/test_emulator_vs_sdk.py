@@ -312,6 +312,42 @@ async def test_sdk_rest_client(feishu_emulator: FeishuEmulator) -> None:
     closed = await content("late", 4)
     assert closed.code == 300309
 
+    # A card entity is sent once: a second send (no uuid) is refused, and the SDK reads why.
+    again = await run(
+        client.im.v1.message.reply,
+        ReplyMessageRequest.builder()
+        .message_id(created.data.message_id)
+        .request_body(
+            ReplyMessageRequestBody.builder()
+            .msg_type("interactive")
+            .content(json.dumps({"type": "card", "data": {"card_id": card_id}}))
+            .build()
+        )
+        .build(),
+    )
+    assert (again.success(), again.code) == (False, 230099)
+
+    # Feishu's streaming timeout: 200850 once, then 300309, until streaming is switched on again.
+    def streaming(on: bool, sequence: int) -> Awaitable[Any]:
+        return run(
+            client.cardkit.v1.card.settings,
+            SettingsCardRequest.builder()
+            .card_id(card_id)
+            .request_body(
+                SettingsCardRequestBody.builder()
+                .settings(json.dumps({"config": {"streaming_mode": on}}))
+                .sequence(sequence)
+                .build()
+            )
+            .build(),
+        )
+
+    assert (await streaming(True, 5)).success()
+    emu.expire_streaming(card_id)
+    assert [(await content("x", 6)).code, (await content("xy", 7)).code] == [200850, 300309]
+    assert (await streaming(True, 8)).success()
+    assert (await content("xyz", 9)).success() and state.contents == {"md": "xyz"}
+
 
 async def test_sdk_parses_card_callbacks(feishu_emulator: FeishuEmulator) -> None:
     import lark_oapi as lark

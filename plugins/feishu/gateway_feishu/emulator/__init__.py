@@ -50,15 +50,21 @@ driving the emulator with lark-oapi's own ws and REST clients in
 * IM: create (``receive_id_type`` chat_id/open_id/user_id/union_id/email), reply and PATCH (cards
   only); ``uuid`` de-duplicates for 1 h (the first message is returned); 5 QPS per chat ->
   230020; 150 KB text / 30 KB card limits -> 230025; interactive content
-  ``{"type": "card", "data": {"card_id": ...}}`` sends a CardKit card by reference.
+  ``{"type": "card", "data": {"card_id": ...}}`` sends a CardKit card by reference, once: a card
+  entity can be sent only once (a repeated ``uuid`` within the hour still answers with the first
+  message, before any check).
 * CardKit: create (``card_json``, 30 KB -> 200860, ``update_multi: false`` -> 300302), element
   content (markdown/plain_text only -> 300310; full text; strictly increasing per-card
-  ``sequence`` -> 300317; streaming off -> 300309; 10 min streaming timeout -> 200850), settings
-  (``{"config": {...}}`` merged), full update; another app's card -> 300311; unknown card ->
-  200740; ``uuid`` replays are not applied twice, a reused uuid for another body -> 200770.
-  Rate limits: 10 ops/s per card; per app and API 50/s and 1000/min (CardKit and message
-  send/reply alike) -> HTTP 429 code 99991400 with ``x-ogw-ratelimit-*`` headers; each refusal
-  is counted in ``rejections`` (per epoch second) and detailed in ``rejection_log``.
+  ``sequence`` -> 300317; streaming off -> 300309), settings (``{"config": {...}}`` merged), full
+  update; another app's card -> 300311; unknown card -> 200740; ``uuid`` replays are not applied
+  twice, a reused uuid for another body -> 200770.  Feishu switches streaming off by itself
+  ``streaming_timeout`` (10 min) after it was switched on: the next element content call gets
+  200850, later ones 300309 (:meth:`FeishuEmulator.expire_streaming` makes it happen now);
+  settings and full updates work as on any card, and ``finished`` means the client switched
+  streaming off.  Rate limits: 10 ops/s per card; per app and API 50/s and 1000/min (CardKit and
+  message send/reply alike) -> HTTP 429 code 99991400 with ``x-ogw-ratelimit-limit`` (that API's
+  limit) and ``x-ogw-ratelimit-reset``; each refusal is counted in ``rejections`` (per epoch
+  second) and detailed in ``rejection_log``.
 
 **Simplified or invented** (the docs do not say):
 
@@ -66,8 +72,10 @@ driving the emulator with lark-oapi's own ws and REST clients in
   with HTTP 403 and ``handshake-status: 403``.  The refusal HTTP statuses are the emulator's.
 * The re-push schedule of the long connection is undocumented beyond "超时重推": here every
   ``ack_timeout`` s, at most ``max_redeliveries`` (3) times; card callbacks are never re-pushed.
-* The per-card 10/s limit answers like the app limit (429/99991400): Feishu documents the limit,
-  not its error.  Message PATCH is limited to 5/s per message (230020).  Bad JSON bodies get 9499;
+* The per-card 10/s limit answers HTTP 429 with 99991400 but without the ``x-ogw-ratelimit-*``
+  headers (those come from Feishu's API gateway, which meters apps, not cards): Feishu documents
+  the limit, not its error.  A second send of a card entity answers 230099 (the generic "failed to
+  create card content"): the docs state the rule, not its error.  Message PATCH is limited to 5/s per message (230020).  Bad JSON bodies get 9499;
   unknown routes 404; unknown parent messages 230011; unknown element ids 10002.
 * Only chats the bot has seen (a pushed message, or :meth:`FeishuEmulator.add_chat`) and users who
   wrote to it are valid targets (else 230002 / 230013).  No scopes, no tenant quotas, no cards

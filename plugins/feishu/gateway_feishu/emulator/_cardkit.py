@@ -3,10 +3,13 @@
 From the docs (open.feishu.cn ``cardkit-v1/card/create``, ``card-element/content``,
 ``card/settings``, ``card/update``): every operation on a card carries a ``sequence`` that must be
 strictly greater than the previous one on that card (300317); text can be streamed only while
-``config.streaming_mode`` is true (300309), which Feishu switches off by itself after 10 minutes
-(200850); only the creating app may touch a card (300311); cards are at most 30 KB (200860);
-``update_multi: false`` is refused (300302); content updates are limited to 10/s per card and
-the API to 50/s per app.
+``config.streaming_mode`` is true (300309), which Feishu switches off by itself 10 minutes after it
+was switched on (``streaming_timeout``): the next element content call gets 200850, later ones
+300309, and settings or a full update work as on any card whose streaming is off; only the
+creating app may touch a card (300311); cards are at most 30 KB (200860); ``update_multi: false``
+is refused (300302); content updates are limited to 10/s per card and the API to 50/s per app.
+The per-card limit's answer is not documented: here HTTP 429 with 99991400 like the app's limit,
+but without the ``x-ogw-ratelimit-*`` headers of Feishu's API gateway (an assumption).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from gateway_feishu.emulator._faults import ApiError
+from gateway_feishu.emulator._faults import RATE_LIMITED, ApiError
 from gateway_feishu.emulator._payloads import dumps, new_card_id
 from gateway_feishu.emulator._records import CardState, CardUpdate, Violation
 
@@ -87,13 +90,27 @@ class CardKit:
                 300311,
                 "The current application does not have permission to update/use this card",
             )
+        self.expire(card)
         return card
+
+    def expire(self, card: CardState) -> None:
+        """Apply Feishu's streaming timeout: streaming off once ``streaming_timeout`` seconds
+        passed since it was switched on, and the next element content call will hear 200850."""
+        if (
+            card.streaming_mode
+            and card.streaming_started_at is not None
+            and time.monotonic() - card.streaming_started_at > self.emu.streaming_timeout
+        ):
+            card.data["config"]["streaming_mode"] = False
+            card.timed_out_at = time.monotonic()
+            card.timeout_unreported = True
 
     def _admit(self, call: _Call, api: str, card: CardState | None) -> None:
         emu = self.emu
         if card is not None and emu.card_rate_limit is not None:
             if not emu._admit("card", call.path, card.card_id, emu.card_rate_limit):
-                raise ApiError.rate_limited(emu.card_rate_limit)
+                # Undocumented: answered like the app's limit, minus the gateway's headers.
+                raise ApiError(429, RATE_LIMITED, "request trigger frequency limit")
         emu.check_app_limits(call, "cardkit." + api)
 
     def _violation(self, kind: str, detail: str) -> None:
@@ -137,7 +154,9 @@ class CardKit:
     def _streaming_changed(self, card: CardState, was_streaming: bool) -> None:
         if card.streaming_mode and not was_streaming:
             card.streaming_started_at = time.monotonic()
-        elif was_streaming and not card.streaming_mode:
+            card.timeout_unreported = False
+        elif not card.streaming_mode and (was_streaming or card.timed_out_at is not None):
+            # Switched off by the client (also after Feishu's timeout did): the card is final.
             card.closed = True
 
     # -- handlers -----------------------------------------------------------------------------------
@@ -191,17 +210,16 @@ class CardKit:
         return {"code": 0, "msg": "success", "data": {}}
 
     def _check_streaming(self, card: CardState) -> None:
-        if card.streaming_mode and card.streaming_started_at is not None:
-            if time.monotonic() - card.streaming_started_at > self.emu.streaming_timeout:
-                card.data["config"]["streaming_mode"] = False
-                card.closed = True
-                raise ApiError(400, 200850, "Card streaming timeout")
-        if not card.streaming_mode:
-            if card.closed:
-                self._violation(
-                    "update_after_close", f"card {card.card_id}: content after streaming closed"
-                )
-            raise ApiError(400, 300309, "Card streaming closed")
+        if card.streaming_mode:
+            return
+        if card.timeout_unreported:
+            card.timeout_unreported = False
+            raise ApiError(400, 200850, "Card streaming timeout")
+        if card.closed or card.timed_out_at is not None:
+            self._violation(
+                "update_after_close", f"card {card.card_id}: content after streaming closed"
+            )
+        raise ApiError(400, 300309, "Card streaming closed")
 
     def _store_text(self, node: Any, element_id: str, content: str) -> None:
         """Write streamed text into the card JSON, so a full read shows what users see."""

@@ -4,7 +4,9 @@ From the docs (open.feishu.cn ``auth-v3/auth/tenant_access_token_internal``,
 ``im-v1/message/create``, ``reply``, ``patch``): the token answer is flat
 ``{code, msg, tenant_access_token, expire}`` and the same token is handed out until less than
 30 minutes remain; ``uuid`` de-duplicates sends for an hour; 5 QPS per user or group (230020);
-text up to 150 KB, cards and posts up to 30 KB (230025).
+text up to 150 KB, cards and posts up to 30 KB (230025).  A card entity can be sent only once
+(``cardkit-v1/card/create``, 使用限制: "一个卡片实体，仅支持发送一次"); the error of a second send is
+not documented: here 230099, Feishu's generic "failed to create card content" code.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ __all__ = ["MessageApi", "TokenApi"]
 
 #: a token this close to its expiry is replaced by a fresh one on the next request (docs: 30 min)
 _REFRESH_MARGIN = 1800.0
-_UUID_WINDOW = 3600.0
 _RECEIVE_ID_TYPES = ("open_id", "user_id", "union_id", "email", "chat_id")
 _MSG_TYPES = (
     "text",
@@ -163,6 +164,10 @@ class MessageApi:
             raise ApiError(
                 400, 300311, "The current application does not have permission to use this card"
             )
+        if card.message_ids:
+            raise ApiError(
+                400, 230099, "Failed to create card content, ext=the card entity was sent already"
+            )
         assert isinstance(card_id, str)
         return card_id
 
@@ -178,7 +183,7 @@ class MessageApi:
         if not isinstance(uuid, str) or not uuid:
             return None
         seen = self._uuids.get((app, uuid))
-        if seen is None or time.monotonic() - seen[1] > _UUID_WINDOW:
+        if seen is None or time.monotonic() - seen[1] > self.emu.uuid_window:
             return None
         return self.emu.sent_by_id.get(seen[0])
 

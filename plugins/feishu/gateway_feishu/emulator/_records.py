@@ -215,6 +215,10 @@ class CardState:
     #: streaming was switched off after having been on (a finished stream)
     closed: bool = False
     streaming_started_at: float | None = None
+    #: when Feishu's streaming timeout switched streaming off (None: it never did)
+    timed_out_at: float | None = None
+    #: the timeout struck and no element content call has heard 200850 about it yet
+    timeout_unreported: bool = False
     uuids: dict[str, str] = attrs.field(factory=dict, repr=False)
 
     @property
@@ -228,7 +232,8 @@ class CardState:
 
     @property
     def finished(self) -> bool:
-        """The card is final: streaming was on and has been switched off."""
+        """The card is final: streaming was on and the client switched it off (settings or a
+        full update; Feishu's streaming timeout alone does not finish a card)."""
         return self.closed and not self.streaming_mode
 
     @property

@@ -103,6 +103,7 @@ class FeishuEmulator:
         chat_rate_limit: float | None = 5.0,
         message_patch_limit: float | None = 5.0,
         streaming_timeout: float = 600.0,
+        uuid_window: float = 3600.0,
         bot_name: str = "imgateway-bot",
         tenant_key: str = "2ed263bf32cf1651",
         verification_token: str = "emulator-verification-token",
@@ -132,7 +133,10 @@ class FeishuEmulator:
         self.app_minute_limit = app_minute_limit
         self.chat_rate_limit = chat_rate_limit
         self.message_patch_limit = message_patch_limit
+        #: seconds after which Feishu switches a card's streaming mode off by itself (10 min)
         self.streaming_timeout = streaming_timeout
+        #: seconds for which a send's ``uuid`` returns the first message (1 h)
+        self.uuid_window = uuid_window
         self.bot_name = bot_name
         self.tenant_key = tenant_key
         self.verification_token = verification_token
@@ -306,7 +310,13 @@ class FeishuEmulator:
                 await asyncio.sleep(self.latency)
             fault = self._faults.take(request.path)
             if fault is not None:
-                raise ApiError(fault.status, fault.code, fault.msg)
+                # An injected 429 is the app's limit, from Feishu's API gateway: with its headers.
+                headers = (
+                    ApiError.rate_limited(self.app_rate_limit or 50.0).headers
+                    if fault.status == 429
+                    else None
+                )
+                raise ApiError(fault.status, fault.code, fault.msg, headers=headers)
             if auth:
                 call.app = self._tokens.authenticate(request.headers.get("Authorization"))
             if parse_error is not None:
@@ -797,7 +807,8 @@ class FeishuEmulator:
     ) -> None:
         """Answer the next ``count`` HTTP requests whose path starts with ``path_prefix`` with an
         error.  Without ``code``/``msg``: 400 -> 99991663 (invalid token), 429 -> 99991400
-        (frequency limit), anything else -> code 1 "internal error".  On the endpoint use
+        (the app's frequency limit; a 429 always carries the ``x-ogw-ratelimit-*`` headers of
+        Feishu's API gateway), anything else -> code 1 "internal error".  On the endpoint use
         ``http_status=200, code=1`` for Feishu's "system busy" answer; on ``/ws/v2`` the
         websocket upgrade is refused with ``http_status`` and ``handshake-status: code``."""
         default_code, default_msg = _DEFAULT_FAULTS.get(http_status, (1, "internal error"))
@@ -817,6 +828,14 @@ class FeishuEmulator:
     def expire_tokens(self) -> None:
         """Invalidate every tenant token now: the next call with one gets 99991663."""
         self._tokens.expire()
+
+    def expire_streaming(self, card_id: str) -> None:
+        """Feishu's streaming timeout, now, for one card: streaming mode goes off and the next
+        element content call gets 200850 (later ones 300309)."""
+        card = self.cards[card_id]
+        if card.streaming_started_at is not None:
+            card.streaming_started_at -= self.streaming_timeout + 1.0
+        self._cardkit.expire(card)
 
     @property
     def tokens_issued(self) -> int:
