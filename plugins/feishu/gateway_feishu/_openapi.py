@@ -4,20 +4,27 @@ Every call is async with a timeout, takes a token from the app's shared bucket (
 per app, whichever instance or reply makes them), and goes through the core's ``call_with_retry``,
 which retries what is transient:
 
-* HTTP 429 and Feishu's frequency-limit codes: :class:`~gateway.errors.RateLimited`, with the
-  ``x-ogw-ratelimit-reset`` hint when Feishu sends one (the whole app then pauses);
+* Feishu's app-wide frequency limits (HTTP 429 from its gateway, 99991400, 11232):
+  :class:`~gateway.errors.RateLimited` with the ``x-ogw-ratelimit-reset`` hint, so the whole app
+  pauses.  ``x-ogw-ratelimit-limit`` is the limit *of that API*: when it is below the app's rate,
+  calls to that API are paced at it from then on (the rest of the app keeps its rate);
+* limits on one chat (230020: 5 messages a second) or one card (10 operations a second; its
+  error is not documented, see the README): :class:`~gateway.errors.RateLimited` without a hint,
+  so only that call backs off, and the rest of the app goes on;
 * an expired or invalid tenant token (99991661/99991663/99991668/99991677): the token is dropped,
   so the retry fetches a new one;
-* HTTP 5xx, a non-JSON body (a gateway error page) and network errors.
+* "internal error, retry later" (300120) and "the card is in an interaction" (200810), which come
+  with HTTP 400; HTTP 5xx, a non-JSON body (a gateway error page) and network errors.
 
-Anything else Feishu refuses (missing permission, bad parameter, recipient unknown) is an
-:class:`OpenApiError` carrying Feishu's ``code``; retrying it cannot help.
+Anything else Feishu refuses (missing permission, bad parameter, recipient unknown, a card with too
+many components) is an :class:`OpenApiError` carrying Feishu's ``code``; retrying it cannot help.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -26,17 +33,25 @@ import aiohttp
 
 from gateway.errors import AuthenticationError, DriverError, RateLimited, RetryableError
 from gateway.ratelimit import CallOutcome, TokenBucket, call_with_retry
+from gateway.secrets import Secret
 from gateway_feishu.settings import FeishuSettings
 
-__all__ = ["OpenApi", "OpenApiError"]
+__all__ = ["OpenApi", "OpenApiError", "api_name"]
 
 TOKEN_PATH = "/open-apis/auth/v3/tenant_access_token/internal"
 # Refresh this long before Feishu's expiry, so a token never expires mid-call.
 _TOKEN_MARGIN = 300.0
 _TOKEN_CODES = frozenset({99991661, 99991663, 99991668, 99991677})
-# 99991400: the app's frequency limit; 230020: too many messages to one chat; 11232: too many
-# messages from the app; 300305/300315: a card entity's update rate (10 ops/s).
-_RATE_CODES = frozenset({99991400, 230020, 11232, 300305, 300315})
+# The app's frequency limits: 99991400 (per app and API), 11232 (the app's messages).
+_APP_RATE_CODES = frozenset({99991400, 11232})
+# Too many messages to one chat (5 a second); only sends to that chat need to wait.
+_CHAT_RATE_CODE = 230020
+# "Internal error, retry later" and "the card is in an interaction": transient, despite HTTP 400.
+_RETRY_CODES = frozenset({300120, 200810})
+# An operation on one card (/cardkit/v1/cards/<id>...): Feishu allows 10 a second per card.
+_CARD_PATH = re.compile(r"^/open-apis/cardkit/v1/cards/[^/]+")
+# Path segments that are ids, for naming an API (its limit is per API, whatever the ids).
+_ID_AFTER = ("messages", "cards", "elements")
 # Feishu's codes for "the app id or secret is wrong" at the token endpoint.
 _CREDENTIAL_CODES = frozenset({10003, 10014, 10015})
 
@@ -71,9 +86,12 @@ class OpenApi:
         self._bucket = bucket
         self._log = logger
         self._on_outcome = on_outcome
-        self._token = ""
+        # A Secret, so the log redactor masks it wherever it shows up (an error from a library).
+        self._token: Secret | None = None
         self._token_expires = 0.0
         self._token_lock = asyncio.Lock()
+        # Paces for the APIs Feishu announced a limit below the app's rate for (by api_name).
+        self._api_paces: dict[str, TokenBucket] = {}
 
     @property
     def base(self) -> str:
@@ -92,11 +110,16 @@ class OpenApi:
         Every attempt sends the same body: a CardKit operation keeps its ``uuid`` and ``sequence``,
         so an attempt that landed unseen is recognised as a replay instead of applied twice."""
 
+        api = api_name(method, path)
+
         async def once() -> dict[str, Any]:
+            pace = self._api_paces.get(api)
+            if pace is not None:
+                await pace.acquire()
             token = await self.token()
             headers = {"Authorization": f"Bearer {token}"}
             try:
-                return await self._request(method, path, body, headers, params)
+                return await self._request(method, path, body, headers, params, api)
             except _TokenRejected:
                 self._invalidate(token)
                 raise
@@ -109,10 +132,10 @@ class OpenApi:
     async def token(self) -> str:
         """The tenant access token, fetched once for all the callers that found it missing."""
         if self._token and time.monotonic() < self._token_expires:
-            return self._token
+            return self._token.reveal()
         async with self._token_lock:
             if self._token and time.monotonic() < self._token_expires:
-                return self._token
+                return self._token.reveal()
             body = {
                 "app_id": self._settings.app_id,
                 "app_secret": self._settings.app_secret.reveal(),
@@ -128,13 +151,13 @@ class OpenApi:
             if code != 0 or not isinstance(token, str) or not token:
                 raise RetryableError(f"Feishu {TOKEN_PATH}: HTTP {status}, code {code}")
             lifetime = float(data.get("expire", 7200))
-            self._token = token
+            self._token = Secret(token, short_lived=True)
             self._token_expires = time.monotonic() + max(lifetime - _TOKEN_MARGIN, lifetime / 2)
             return token
 
     def _invalidate(self, token: str) -> None:
-        if self._token == token:
-            self._token = ""
+        if self._token is not None and self._token.reveal() == token:
+            self._token = None
 
     async def _request(
         self,
@@ -143,6 +166,7 @@ class OpenApi:
         body: Mapping[str, Any] | None,
         headers: dict[str, str],
         params: Mapping[str, str] | None,
+        api: str,
     ) -> dict[str, Any]:
         status, data, reply_headers = await self.exchange(method, path, body, headers, params)
         if not isinstance(data, dict):
@@ -155,32 +179,48 @@ class OpenApi:
         message = str(data.get("msg", ""))
         if code in _TOKEN_CODES:
             raise _TokenRejected(f"Feishu {path}: tenant token rejected (code {code})")
-        if status == 429 or code in _RATE_CODES:
-            self._adopt_limit(reply_headers)
+        if code == _CHAT_RATE_CODE:
+            # One chat's limit: this send waits (backoff), other chats and calls go on.
+            raise RateLimited(f"Feishu {path}: too many messages to this chat (code {code})")
+        if status == 429 or code in _APP_RATE_CODES:
+            if _CARD_PATH.match(path) and "x-ogw-ratelimit-limit" not in reply_headers:
+                # Not Feishu's gateway (whose answers name the API's limit): this card's own
+                # 10 operations a second.  Only this card waits.
+                raise RateLimited(f"Feishu {path}: too many operations on this card (code {code})")
+            self._adopt_limit(api, reply_headers)
             raise RateLimited(
                 f"Feishu {path}: rate limited (code {code})",
                 retry_after=_reset_hint(reply_headers),
             )
-        if status >= 500:
-            raise RetryableError(f"Feishu {path}: HTTP {status}, code {code}")
+        if status >= 500 or code in _RETRY_CODES:
+            raise RetryableError(f"Feishu {path}: HTTP {status}, code {code}: {message}")
         raise OpenApiError(path, status, int(code) if isinstance(code, int) else -1, message)
 
-    def _adopt_limit(self, headers: Mapping[str, str]) -> None:
-        """Pace the app at the limit Feishu announced (``x-ogw-ratelimit-limit``, calls a second)
-        when it is below the configured rate: otherwise every pause would end in a burst that is
-        refused again.  A reload of the instance restores the configured rate."""
+    def _adopt_limit(self, api: str, headers: Mapping[str, str]) -> None:
+        """Pace ``api`` at the limit Feishu announced for it (``x-ogw-ratelimit-limit``, calls a
+        second) when that is below the app's rate: otherwise every pause would end in a burst that
+        is refused again.  The limit is per API, so other APIs keep the app's rate.  A reload of the
+        instance (a new driver) forgets it."""
         try:
             limit = float(headers.get("x-ogw-ratelimit-limit", ""))
         except ValueError:
             return
-        if 0 < limit < self._bucket.rate:
-            self._bucket.configure(limit, burst=1)
-            self._log.warning(
-                "Feishu limits app %s to %g calls a second: pacing at that rate",
-                self._settings.app_id,
-                limit,
-                extra={"event": "rate_adopted"},
-            )
+        if not 0 < limit < self._bucket.rate:
+            return
+        pace = self._api_paces.get(api)
+        if pace is not None and pace.rate <= limit:
+            return
+        if pace is None:
+            self._api_paces[api] = TokenBucket(limit, burst=1)
+        else:
+            pace.configure(limit, burst=1)
+        self._log.warning(
+            "Feishu limits app %s to %g calls a second on %s: pacing that API at it",
+            self._settings.app_id,
+            limit,
+            api,
+            extra={"event": "rate_adopted"},
+        )
 
     async def exchange(
         self,
@@ -209,6 +249,16 @@ class OpenApi:
                 return response.status, data, response.headers
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise RetryableError(f"Feishu {path} unreachable: {type(exc).__name__}: {exc}") from exc
+
+
+def api_name(method: str, path: str) -> str:
+    """The API a call goes to, as Feishu meters it: method and path with the ids left out
+    (``PUT /open-apis/cardkit/v1/cards/:id/elements/:id/content``)."""
+    parts = path.split("?", 1)[0].split("/")
+    for i in range(1, len(parts)):
+        if parts[i - 1] in _ID_AFTER and parts[i]:
+            parts[i] = ":id"
+    return f"{method.upper()} {'/'.join(parts)}"
 
 
 def _reset_hint(headers: Mapping[str, str]) -> float:
