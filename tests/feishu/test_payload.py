@@ -4,11 +4,14 @@ the card store and its sequence clock."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway_feishu._cardstore import CardRecord, CardStore, Sequence
 from gateway_feishu._frames import DATA, Frame
@@ -17,9 +20,10 @@ from gateway_feishu._payload import (
     feedback_from_feishu,
     incoming_from_feishu,
 )
-from gateway_feishu.driver import _Parts
+from gateway_feishu.driver import _MAX_PARTS, _MAX_PAYLOAD, _MAX_PENDING, _Parts
 
 BOT = "ou_bot0000000000000000000000000000"
+LOG = logging.LoggerAdapter(logging.getLogger("test.feishu.parts"), {})
 
 
 def envelope(
@@ -76,7 +80,8 @@ def test_the_bots_mention_is_removed_and_others_read_as_names() -> None:
         "ou_alice",
     )
     assert message.conversation_kind == "group"
-    assert [m.user_id for m in message.mentions] == [BOT, "ou_dave", "ou_carol"]
+    # The bot's own mention addressed the message; only the people it names are mentions.
+    assert [m.user_id for m in message.mentions] == ["ou_dave", "ou_carol"]
     assert message.received_at == pytest.approx(1700000000.123)
     assert message.raw == payload
 
@@ -162,13 +167,65 @@ def part(message_id: str, index: int, total: int, payload: bytes) -> Frame:
 
 
 def test_multi_part_payloads_are_put_together_in_order() -> None:
-    parts = _Parts()
+    parts = _Parts(LOG)
     assert parts.add(part("f1", 2, 3, b"!")) is None
     assert parts.add(part("f2", 0, 1, b"single")) == b"single"
     assert parts.add(part("f1", 0, 3, b"hello ")) is None
     assert parts.add(part("f1", 1, 3, b"world")) == b"hello world!"
     assert parts.add(part("f1", 0, 3, b"again")) is None  # a new message with that id starts over
     assert parts.add(part("f3", 5, 2, b"?")) is None  # an index out of range is ignored
+    assert parts.pending_bytes == len(b"again")
+
+
+def test_hostile_part_counts_and_sizes_are_dropped_not_allocated(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    parts = _Parts(LOG)
+    with caplog.at_level(logging.WARNING):
+        # sum=10**12 used to allocate [None] * 10**12 and kill the session with a MemoryError.
+        assert parts.add(part("huge", 0, 10**12, b"x")) is None
+        assert parts.add(part("many", 0, _MAX_PARTS + 1, b"x")) is None
+        # Parts that add up to more than a payload may hold are dropped, and so is the payload.
+        big = b"x" * (_MAX_PAYLOAD // 2 + 1)
+        assert parts.add(part("big", 0, 3, big)) is None
+        assert parts.add(part("big", 1, 3, big)) is None
+        assert parts.pending_bytes == 0
+        assert parts.add(part("big", 2, 3, b"!")) is None  # waits anew, until it expires
+    assert parts.pending_bytes == 1
+    assert caplog.text.count("dropping a part of payload") == 3
+    # A well-formed payload still goes through afterwards.
+    assert parts.add(part("ok", 1, 2, b"b")) is None
+    assert parts.add(part("ok", 0, 2, b"a")) == b"ab"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["m1", "m2", "m3", ""]),
+            st.one_of(
+                st.integers(min_value=-5, max_value=10**15).map(str),
+                st.sampled_from(["", "x", "1e9", " 3", "٣"]),
+            ),
+            st.one_of(
+                st.integers(min_value=-5, max_value=100).map(str), st.sampled_from(["", "?"])
+            ),
+            st.integers(min_value=0, max_value=3 * 2**20),
+        ),
+        max_size=40,
+    )
+)
+def test_any_sum_and_seq_headers_keep_the_parts_bounded(
+    frames: list[tuple[str, str, str, int]],
+) -> None:
+    """Whatever the server claims in ``sum``/``seq``, nothing raises and memory stays bounded."""
+    parts = _Parts(LOG)
+    for message_id, total, index, size in frames:
+        headers = {"type": "event", "message_id": message_id, "sum": total, "seq": index}
+        payload = parts.add(Frame.build(DATA, headers, b"\0" * size))
+        assert payload is None or len(payload) <= max(size, _MAX_PAYLOAD)
+        assert 0 <= parts.pending_bytes <= _MAX_PENDING
+        assert all(len(chunks) <= _MAX_PARTS for _, chunks in parts._pending.values())
 
 
 def test_sequences_keep_increasing_across_a_restart() -> None:

@@ -88,10 +88,11 @@ def incoming_from_feishu(instance: str, envelope: Mapping[str, Any], bot_open_id
         ),
         sender_id=str((sender.get("sender_id") or {}).get("open_id", "")),
         text=_resolve_mentions(text, mentions, bot_open_id).strip(),
+        # The people mentioned besides the bot: the bot's own mention only addressed the message.
         mentions=[
             Mention(user_id=_open_id(m), name=str(m.get("name", "")))
             for m in mentions
-            if _open_id(m)
+            if _open_id(m) and _open_id(m) != bot_open_id
         ],
         attachments=attachments,
         raw=envelope,

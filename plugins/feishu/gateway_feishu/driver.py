@@ -7,13 +7,18 @@ connection ends:
 * the client pings (CONTROL ``type=ping``) every ``PingInterval`` seconds, which Feishu may change
   in a pong's ``ClientConfig`` payload; the server's reconnect advice (``ReconnectInterval``...) is
   ignored on purpose: reconnecting belongs to the core's supervisor;
-* multi-part payloads (``sum > 1``) are put together by the frame's ``message_id``;
+* multi-part payloads (``sum > 1``) are put together by the frame's ``message_id``, within bounds
+  (at most 64 parts and 4 MiB a payload, 16 MiB waiting in all): a frame that claims more is
+  logged and dropped, not trusted with memory;
 * an ``im.message.receive_v1`` event is handed to the core (durable inbox, deduplicated on the
   message id, which a re-push keeps) and ACKed right after: Feishu re-pushes events that are not
   ACKed within 3 s, so the ACK never waits for the agent.  A group message that does not mention
   the bot is ACKed and dropped;
 * a ``card.action.trigger`` callback (a feedback button) is recorded and ACKed with a toast;
-* no frame at all for ``frame_timeout`` (the pings make pongs come back) means a dead socket.
+* no frame at all for ``frame_timeout`` (the pings make pongs come back) means a dead socket;
+* closing lets the frames being stored finish and send their ACKs (a second at most) before the
+  socket is closed: an event stored but not ACKed would be pushed again, perhaps to another
+  replica.
 
 Unreadable payloads are ACKed with code 200 and logged: a 500 would only make Feishu push the same
 bytes again.  ``lark-oapi`` is not used at run time (see the README); its frame schema is, through
@@ -25,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import urllib.parse
 from collections.abc import Mapping
@@ -44,6 +50,7 @@ from gateway.errors import (
 )
 from gateway.models import Incoming, Outgoing, TargetKind
 from gateway.ratelimit import rate_limits
+from gateway.secrets import Secret
 from gateway.websocket import FrameTasks, messages
 from gateway_feishu._cardstore import CardStore
 from gateway_feishu._frames import CONTROL, DATA, Frame, FrameError
@@ -77,6 +84,15 @@ _FEEDBACK_BUDGET = 2.0
 # A multi-part payload whose parts do not all arrive in this time is dropped (lark-oapi: 5 s);
 # Feishu re-pushes the event, as it was not ACKed.
 _PARTS_TTL = 10.0
+# Bounds on multi-part payloads: a frame's ``sum`` header is the server's word, and one claiming
+# 10**12 parts must not allocate them.  Events are a few KB; lark-oapi splits nothing near these.
+_MAX_PARTS = 64
+_MAX_PAYLOAD = 4 * 2**20  # one payload, all its parts together
+_MAX_PENDING = 16 * 2**20  # every incomplete payload together
+_MAX_INCOMPLETE = 256  # payloads waiting for parts at once
+# Query parameters of the websocket URL that are credentials (access_key, ticket...): masked in
+# logs like the app secret, as a failed connection may name the URL.
+_CREDENTIAL_PARAM = ("key", "ticket", "token", "sign", "secret")
 # What reading a hostile payload can raise (deep nesting: RecursionError from json).
 _UNREADABLE = (ValueError, KeyError, TypeError, AttributeError, RecursionError)
 
@@ -148,6 +164,7 @@ class FeishuDriver(Driver):
             self._bot_open_id = await self._bot_identity()
         url, ping_interval = await self._endpoint()
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+        _mask_credentials(query)
         try:
             service = int(query.get("service_id", ["0"])[0])
         except ValueError:
@@ -171,6 +188,8 @@ class FeishuDriver(Driver):
             self._ws = None
             pinger.cancel()
             await ws.close()
+            # After close() drained them, nothing is left; after a lost connection, ACKs cannot
+            # be sent any more.
             await self._tasks.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pinger
@@ -239,7 +258,7 @@ class FeishuDriver(Driver):
             await asyncio.sleep(min(self._ping_interval, self.settings.frame_timeout / 2))
 
     async def _read_frames(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        parts = _Parts()
+        parts = _Parts(self._log)
         timeout = self.settings.frame_timeout
         async for msg in messages(ws, timeout=timeout, platform="Feishu", closing=self._is_closing):
             self.context.frame_received()
@@ -252,6 +271,8 @@ class FeishuDriver(Driver):
 
     async def close(self) -> None:
         self._closing = True
+        # ACKs of the events being stored go out before the socket closes (see the module doc).
+        await self._tasks.drain()
         ws = self._ws
         if ws is not None:
             await ws.close()
@@ -419,10 +440,17 @@ class FeishuDriver(Driver):
 
 
 class _Parts:
-    """Payloads split over several DATA frames (``sum`` > 1), put together by ``message_id``."""
+    """Payloads split over several DATA frames (``sum`` > 1), put together by ``message_id``.
 
-    def __init__(self) -> None:
+    Bounded, as the headers are the server's word: at most ``_MAX_PARTS`` parts and
+    ``_MAX_PAYLOAD`` bytes a payload, ``_MAX_INCOMPLETE`` payloads and ``_MAX_PENDING`` bytes
+    waiting in all; a frame beyond them is logged and dropped (so the event is not ACKed, and
+    Feishu pushes it again)."""
+
+    def __init__(self, log: logging.LoggerAdapter[logging.Logger]) -> None:
+        self._log = log
         self._pending: dict[str, tuple[float, list[bytes | None]]] = {}
+        self._bytes = 0  # held in _pending
 
     def add(self, frame: Frame) -> bytes | None:
         """The whole payload once every part arrived (at once for a single frame), else None."""
@@ -432,17 +460,57 @@ class _Parts:
             total, index = 1, 0
         if total <= 1:
             return frame.payload
-        now = time.monotonic()
-        self._pending = {k: v for k, v in self._pending.items() if now - v[0] < _PARTS_TTL}
         key = frame.header("message_id") or ""
+        if total > _MAX_PARTS:
+            self._drop(key, f"it claims {total} parts (at most {_MAX_PARTS} are taken)")
+            return None
+        now = time.monotonic()
+        for stale in [k for k, (t, _) in self._pending.items() if now - t >= _PARTS_TTL]:
+            self._forget(stale)
+        if key not in self._pending and len(self._pending) >= _MAX_INCOMPLETE:
+            self._drop(key, f"{_MAX_INCOMPLETE} payloads are waiting for parts already")
+            return None
         _, chunks = self._pending.setdefault(key, (now, [None] * total))
-        if len(chunks) != total or not 0 <= index < total:
+        if len(chunks) != total or not 0 <= index < total or chunks[index] is not None:
+            return None
+        size = len(frame.payload)
+        held = sum(len(c) for c in chunks if c is not None)
+        if held + size > _MAX_PAYLOAD:
+            self._forget(key)
+            self._drop(key, f"its parts exceed {_MAX_PAYLOAD} bytes")
+            return None
+        if self._bytes + size > _MAX_PENDING:
+            self._drop(key, f"incomplete payloads would hold over {_MAX_PENDING} bytes")
             return None
         chunks[index] = frame.payload
+        self._bytes += size
         if any(chunk is None for chunk in chunks):
             return None
-        del self._pending[key]
+        self._forget(key)
         return b"".join(chunk or b"" for chunk in chunks)
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._bytes
+
+    def _forget(self, key: str) -> None:
+        _, chunks = self._pending.pop(key, (0.0, []))
+        self._bytes -= sum(len(c) for c in chunks if c is not None)
+
+    def _drop(self, key: str, why: str) -> None:
+        self._log.warning(
+            "dropping a part of payload %s: %s", key, why, extra={"event": "bad_frame"}
+        )
+
+
+def _mask_credentials(query: Mapping[str, list[str]]) -> None:
+    """Register the credentials in the websocket URL with the log redactor (see ``Secret``)."""
+    for name, values in query.items():
+        if any(word in name.lower() for word in _CREDENTIAL_PARAM):
+            for value in values:
+                Secret(value, short_lived=True)
+                # The URL may show it percent-encoded.
+                Secret(urllib.parse.quote_plus(value), short_lived=True)
 
 
 def _ping_interval(config: Any, default: float) -> float:
