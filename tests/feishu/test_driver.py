@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -22,12 +23,15 @@ from typing import Any
 import pytest
 
 from gateway.config import ProcessSettings, load_instance
-from gateway.errors import SendRejected
+from gateway.errors import ConfigError, SendRejected
+from gateway.logs import redact
 from gateway.models import Incoming, Outgoing
 from gateway.plugins import PluginRegistry
 from gateway.runtime import Gateway, InstanceRuntime
 from gateway.store.inbox import InboxEntry
 from gateway.supervisor import InstanceState
+from gateway_feishu._cardstore import CardRecord, CardStore
+from gateway_feishu._replies import send_uuid
 from gateway_feishu.emulator import CardState, Delivery, FeishuEmulator, SentMessage
 from gateway_testkit.feishu import ERROR_MARK, feishu_settings, message_text
 from gateway_testkit.process import free_port
@@ -224,6 +228,8 @@ async def test_group_messages_are_answered_only_when_they_mention_the_bot(
         # The bot's own mention is gone; another person's reads as a name.
         assert answer(card) == "@carol what about it"
         entry = await settled(gateway, sent)
+        # Only carol is a mention: the bot's own only addressed the message.
+        assert [m.user_id for m in entry.message.mentions] == [emu.user("carol").open_id]
         assert entry.message.conversation_kind == "group"
         assert entry.message.conversation_id == sent.chat_id
 
@@ -461,6 +467,124 @@ async def test_an_agent_error_ends_the_card_with_the_reason_and_no_buttons(
         assert emu.violations == []
 
 
+async def test_a_card_whose_streaming_feishu_timed_out_is_reopened_and_finished(
+    start: Start, emu: FeishuEmulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Feishu closes streaming by itself (after 10 minutes; here 0.6 s): updates turn it on again,
+    the answer ends in the same card with its buttons, and no message replaces it."""
+    caplog.set_level(logging.INFO)
+    emu.streaming_timeout = 0.6
+    async with asyncio.timeout(20):
+        chunks = [f"part {i} " for i in range(8)]
+        await start(agent={"type": "scripted", "chunks": chunks, "delay": 0.25})
+        sent = await ask(emu, "a slow answer")
+        card = await final_card(emu, sent)
+        await emu.wait_until(lambda: card.shows_buttons, 3)
+        assert answer(card) == "".join(chunks)
+        assert emu.count(CARDS + "/", status=400) >= 1  # Feishu did close streaming
+        assert any(c.code == 200850 for c in emu.calls)
+        reopened = [
+            u
+            for u in card.history
+            if u.kind == "settings" and '"streaming_mode": true' in u.content
+        ]
+        assert reopened
+        assert [m.msg_type for m in emu.replies(sent.message_id or "")] == ["interactive"]
+        assert emu.violations == []  # never streamed into a closed card after being told
+    assert "card_failed" not in [getattr(r, "event", "") for r in caplog.records]
+    assert "continues as a message" not in caplog.text
+
+
+async def test_a_timeout_before_the_last_update_ends_the_card_with_a_full_update(
+    start: Start, emu: FeishuEmulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with asyncio.timeout(15):
+        await start(
+            agent={
+                "type": "scripted",
+                "chunks": ["the first half ", "the second half"],
+                "delay": 0.5,
+            }
+        )
+        sent = await ask(emu, "two halves")
+        await emu.wait_until(
+            lambda: (c := card_of(emu, sent)) is not None and c.content_updates >= 1, 3
+        )
+        card = card_of(emu, sent)
+        assert card is not None
+        emu.expire_streaming(card.card_id)  # Feishu's 10 minutes are up now
+        card = await final_card(emu, sent)
+        await emu.wait_until(lambda: card.shows_buttons, 3)
+        assert answer(card) == "the first half the second half"
+        # The final text, streaming off and the buttons in one full update (no streaming needed).
+        assert card.history[-1].kind == "update"
+        assert [m.msg_type for m in emu.replies(sent.message_id or "")] == ["interactive"]
+        assert emu.violations == []
+    assert "continues as a message" not in caplog.text
+
+
+async def test_a_resumed_card_that_was_sent_before_the_crash_is_updated_not_resent(
+    start: Start, emu: FeishuEmulator, app: str
+) -> None:
+    """A crash between sending a card and recording it: more than an hour later (Feishu's uuid
+    window), sending it again is refused, as a card is sent once; the reply takes it as sent."""
+    emu.uuid_window = 0.0
+    async with asyncio.timeout(15):
+        runtime = await start()
+        api = runtime.driver.api  # type: ignore[attr-defined]
+        payload = emu.message("resume me please", sender="alice")
+        message_id = payload["event"]["message"]["message_id"]
+        key = f"{reply_id_for(message_id)}.0"
+        # What the crashed process did: create the card and send it (with the reply's uuid);
+        # the record of the send never reached the disk.
+        thinking = {
+            "schema": "2.0",
+            "config": {"streaming_mode": True},
+            "body": {"elements": [{"tag": "markdown", "element_id": "answer", "content": "…"}]},
+        }
+        created = await api.call("POST", CARDS, {"type": "card_json", "data": json.dumps(thinking)})
+        card_id = str(created["card_id"])
+        chat_id = payload["event"]["message"]["chat_id"]
+        emu.received[message_id] = Delivery("ev_0", payload, app, message_id, chat_id)
+        reference = json.dumps({"type": "card", "data": {"card_id": card_id}})
+        await api.call(
+            "POST",
+            f"{REPLY}{message_id}/reply",
+            {"msg_type": "interactive", "content": reference, "uuid": send_uuid(key)},
+        )
+        await CardStore(runtime.state_dir / "cards").put(key, CardRecord(card_id, time.time() - 1))
+        pushed = await emu.push_event(payload)
+        await emu.wait_acked(pushed.event_id)
+        card = emu.cards[card_id]
+        await emu.wait_until(lambda: card.finished and card.shows_buttons, 5)
+        assert answer(card) == "resume me please"
+        assert len(emu.replies(message_id)) == 1  # the one card, sent once
+        assert any(c.code == 230099 for c in emu.calls)  # Feishu refused the second send
+        assert emu.count(CARDS, method="POST", status=200) == 1  # no second card
+        assert emu.violations == []
+
+
+async def test_bad_pacing_and_text_length_settings_are_refused_readably(
+    emu: FeishuEmulator, app: str, tmp_path: Path
+) -> None:
+    settings = {
+        **feishu_settings(emu, app_id=app, app_secret=SECRET),
+        "card_update_interval": 0,
+        "max_text_length": 50000,
+    }
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"type": "feishu", "settings": settings}))
+    with pytest.raises(ConfigError) as caught:
+        load_instance(path, REGISTRY, env={})
+    problems = {p.key: p.message for p in caught.value.problems}
+    assert (
+        "at least 0.1 s: Feishu allows 10 operations a second"
+        in (problems["settings.card_update_interval"])
+    )
+    assert "between 100 and 6000 characters" in problems["settings.max_text_length"]
+
+
 # -- 5. connections --------------------------------------------------------------------------------
 
 
@@ -575,6 +699,54 @@ async def test_stop_closes_the_connection_within_a_second(
         assert runtime.status.state is InstanceState.STOPPED
         await emu.wait_until(lambda: not emu.live_connections, 2)
         assert [c.closed_by for c in emu.connection_history] == ["client"]
+
+
+async def test_stop_waits_for_the_ack_of_a_message_being_stored(
+    start: Start, emu: FeishuEmulator, gateway: Gateway
+) -> None:
+    """A message stored but not ACKed would be pushed again, perhaps to another replica that
+    answers it a second time: closing lets it finish storing and ACK before the socket closes."""
+    emu.ack_timeout = 0.5
+    async with asyncio.timeout(10):
+        runtime = await start()
+        real_deliver = runtime.deliver
+        storing = asyncio.Event()
+
+        async def slow_deliver(message: Incoming) -> bool:
+            storing.set()
+            stored = await real_deliver(message)
+            await asyncio.sleep(0.3)  # a busy disk: the commit takes its time
+            return stored
+
+        runtime.deliver = slow_deliver  # type: ignore[method-assign]
+        sent = await emu.send_message("stored while stopping")
+        await storing.wait()
+        await gateway.stop("bot", grace=0)
+        assert runtime.status.state is InstanceState.STOPPED
+        assert emu.acked(sent.event_id), "the stored message was not acknowledged"
+        await asyncio.sleep(0.8)  # longer than the ACK timeout: no re-push
+        assert emu.deliveries(sent.event_id) == 1
+        assert await gateway.inbox.entry("bot", sent.message_id or "") is not None
+
+
+async def test_short_lived_credentials_never_reach_the_logs(
+    start: Start, emu: FeishuEmulator
+) -> None:
+    async with asyncio.timeout(10):
+        await start()
+        sent = await ask(emu, "mask them")
+        await final_card(emu, sent)
+    [url] = [c.response["data"]["URL"] for c in emu.calls if c.path == "/callback/ws/endpoint"]
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    ticket, access_key = query["ticket"][0], query["access_key"][0]
+    tokens = [
+        c.response["tenant_access_token"] for c in emu.calls if "tenant_access_token" in c.path
+    ]
+    failure = f"connection to {url} failed; Authorization: Bearer {tokens[0]}"
+    shown = redact(failure)
+    for credential in (ticket, access_key, *tokens):
+        assert credential not in shown
+    assert query["device_id"][0] in shown  # not a credential: still there to debug with
 
 
 # -- 6. proactive messages -------------------------------------------------------------------------

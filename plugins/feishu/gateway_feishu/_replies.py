@@ -8,6 +8,14 @@
   adds the buttons (callback behaviours carrying ``{reply_id, rating}``).  Every operation on a
   card carries a strictly increasing ``sequence`` (see ``_cardstore``) and is paced per card
   (Feishu allows 10 operations a second on one card).
+
+  Feishu switches a card's streaming mode off by itself after 10 minutes: the next element update
+  is refused with 200850, later ones with 300309.  An update then turns streaming on again (once)
+  and is tried again; the end of the reply, if streaming is off, replaces the whole card instead
+  (a full update needs no streaming mode, and brings the buttons along).  Only when that fails too
+  does the answer go out as a message.  A card is sent once (Feishu refuses a second send of a
+  card entity): a reply resumed after a crash whose send was not recorded treats Feishu's refusal
+  as "sent already".
 * :class:`MessageReply` — one message per part (a ``post`` whose ``md`` element renders markdown),
   for ``reply_mode = "text"`` and as the fallback when a card cannot be made: the user gets a plain
   answer rather than none.  Cards that keep failing make the driver skip them for a while (the
@@ -29,11 +37,13 @@ from gateway.driver import ReplyChannel
 from gateway.models import Incoming
 from gateway.ratelimit import TokenBucket
 from gateway_feishu._cardstore import CardRecord, CardStore, Sequence
-from gateway_feishu._openapi import OpenApi
+from gateway_feishu._openapi import OpenApi, OpenApiError
 from gateway_feishu.settings import FeishuSettings
 
 __all__ = [
     "ANSWER_ELEMENT",
+    "CARD_SENT_ALREADY",
+    "STREAMING_CLOSED",
     "CardReply",
     "MessageReply",
     "message_content",
@@ -44,6 +54,11 @@ __all__ = [
 ANSWER_ELEMENT = "answer"
 _CARDS = "/open-apis/cardkit/v1/cards"
 _SUMMARY_LENGTH = 60
+#: Streaming mode is off: 200850 once Feishu's 10-minute streaming timeout struck, 300309 after.
+STREAMING_CLOSED = frozenset({200850, 300309})
+#: Sending a card entity that was sent already (Feishu sends each card once).  The code is the
+#: generic "card content failed" one; the docs state the rule, not its error (see the README).
+CARD_SENT_ALREADY = 230099
 
 
 def send_uuid(key: str) -> str:
@@ -112,11 +127,13 @@ class CardReply(ReplyChannel):
         self.key = f"{message.reply_id}.{index}"
         self._record: CardRecord | None = None
         self._sequence: Sequence | None = None
-        interval = tools.settings.card_update_interval
-        # Feishu limits operations per card; one bucket per card keeps them apart.
-        self._pace = TokenBucket(1 / interval, burst=1) if interval > 0 else None
+        # Feishu limits operations per card (10/s); one bucket per card keeps them apart.  The
+        # settings keep the interval at 0.1 s or more.
+        self._pace = TokenBucket(1 / tools.settings.card_update_interval, burst=1)
         # Set when the card could not be made: the rest of this reply goes out as a message.
         self._fallback: MessageReply | None = None
+        # Set when streaming could not be turned on again: updates wait for the full final card.
+        self._stream_lost = False
 
     @property
     def card_id(self) -> str:
@@ -126,8 +143,8 @@ class CardReply(ReplyChannel):
         await self._ensure_card(self._tools.settings.thinking_text)
 
     async def update(self, text: str) -> None:
-        if await self._ensure_card(text) and self._fallback is None:
-            await self._content(text)
+        if await self._ensure_card(text) and self._fallback is None and not self._stream_lost:
+            await self._stream(text)
 
     async def finish(self, text: str, *, last: bool, feedback: bool) -> None:
         await self._end(text, buttons=feedback)
@@ -138,30 +155,76 @@ class CardReply(ReplyChannel):
     def follow_up(self, index: int) -> CardReply:
         return CardReply(self._tools, self._message, index)
 
+    async def _stream(self, text: str) -> None:
+        """Show ``text`` in the streaming element; when Feishu closed streaming (its 10-minute
+        timeout), turn it on again once and try again."""
+        try:
+            await self._content(text)
+            return
+        except OpenApiError as exc:
+            if exc.code not in STREAMING_CLOSED:
+                raise
+            self._tools.log.info(
+                "Feishu closed streaming on card %s (code %d): turning it on again",
+                self.card_id,
+                exc.code,
+                extra={"event": "card_streaming_closed"},
+            )
+        try:
+            await self._streaming(True)
+            await self._content(text)
+        except OpenApiError:
+            # The final full update shows the answer; updates until then would be refused too.
+            self._stream_lost = True
+            raise
+
     async def _end(self, text: str, *, buttons: bool) -> None:
         await self._ensure_card(text)
         if self._fallback is None:
             try:
-                await self._content(text)
-                await self._streaming(False, summary=text)
+                await self._close(text, buttons=buttons)
             except Exception as exc:
                 # The answer must reach the user even when the card cannot take it.
                 self._degrade(exc)
         if self._fallback is not None:
             await self._fallback.finish(text, last=True, feedback=False)
-            return
-        if buttons:
+
+    async def _close(self, text: str, *, buttons: bool) -> None:
+        """The final text, streaming off and, with ``buttons``, the feedback buttons.
+
+        The streamed way (element content, settings, then a full update for the buttons) keeps the
+        typewriter effect to the end; when it fails (streaming closed by Feishu, or any refusal), one
+        full update of the card does it all, as it needs no streaming mode."""
+        if not self._stream_lost:
             try:
-                await self._card_op("PUT", "", {"card": _card(self._final(text))})
+                await self._content(text)
+                await self._streaming(False, summary=text)
             except Exception as exc:
-                # The answer is final already; only the buttons are missing.
-                self._tools.log.warning(
-                    "feedback buttons not shown on card %s: %s: %s",
+                self._tools.log.info(
+                    "finishing card %s with a full update (%s: %s)",
                     self.card_id,
                     type(exc).__name__,
                     exc,
-                    extra={"event": "card_failed"},
+                    extra={"event": "card_full_update"},
                 )
+            else:
+                if buttons:
+                    await self._buttons(text)
+                return
+        await self._card_op("PUT", "", {"card": _card(self._final(text, buttons=buttons))})
+
+    async def _buttons(self, text: str) -> None:
+        try:
+            await self._card_op("PUT", "", {"card": _card(self._final(text, buttons=True))})
+        except Exception as exc:
+            # The answer is final already; only the buttons are missing.
+            self._tools.log.warning(
+                "feedback buttons not shown on card %s: %s: %s",
+                self.card_id,
+                type(exc).__name__,
+                exc,
+                extra={"event": "card_failed"},
+            )
 
     async def _ensure_card(self, initial: str) -> bool:
         """Make and send the card on first use; True if it existed already (``initial`` not shown).
@@ -187,17 +250,8 @@ class CardReply(ReplyChannel):
             if existed:
                 await self._streaming(True)
             if not record.message_id:
-                content = {"type": "card", "data": {"card_id": record.card_id}}
-                sent = await self._call(
-                    "POST",
-                    f"/open-apis/im/v1/messages/{self._message.message_id}/reply",
-                    {
-                        "msg_type": "interactive",
-                        "content": json.dumps(content),
-                        "uuid": send_uuid(self.key),
-                    },
-                )
-                self._record = attrs.evolve(record, message_id=str(sent.get("message_id", "-")))
+                message_id = await self._send(record, resumed=existed)
+                self._record = attrs.evolve(record, message_id=message_id)
                 await tools.store.put(self.key, self._record)
         except Exception as exc:
             self._record = None
@@ -205,6 +259,29 @@ class CardReply(ReplyChannel):
             return False
         tools.breaker.success()
         return existed
+
+    async def _send(self, record: CardRecord, *, resumed: bool) -> str:
+        """Send the card as the reply; the message id (``-`` if not known)."""
+        content = {"type": "card", "data": {"card_id": record.card_id}}
+        try:
+            sent = await self._call(
+                "POST",
+                f"/open-apis/im/v1/messages/{self._message.message_id}/reply",
+                {
+                    "msg_type": "interactive",
+                    "content": json.dumps(content),
+                    # Within an hour Feishu answers a repeated send with the first message.
+                    "uuid": send_uuid(self.key),
+                },
+            )
+        except OpenApiError as exc:
+            if not resumed or exc.code != CARD_SENT_ALREADY:
+                raise
+            # A resumed card that streaming could be turned on for exists and is ours: the send
+            # before the crash landed (more than an hour ago) and the user has the card.
+            self._tools.log.info("card %s was sent before the restart; updating it", record.card_id)
+            return "-"
+        return str(sent.get("message_id", "-"))
 
     def _degrade(self, exc: Exception) -> None:
         tools = self._tools
@@ -241,8 +318,7 @@ class CardReply(ReplyChannel):
         await self._call(method, f"{_CARDS}/{self._record.card_id}{suffix}", body)
 
     async def _call(self, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        if self._pace is not None:
-            await self._pace.acquire()
+        await self._pace.acquire()
         return await self._tools.api.call(method, path, body)
 
     def _thinking(self, text: str) -> dict[str, Any]:
@@ -252,9 +328,9 @@ class CardReply(ReplyChannel):
             "body": {"elements": [_markdown(text)]},
         }
 
-    def _final(self, text: str) -> dict[str, Any]:
+    def _final(self, text: str, *, buttons: bool) -> dict[str, Any]:
         s = self._tools.settings
-        buttons = [
+        elements = [
             {
                 "tag": "button",
                 "element_id": f"feedback_{i}",
@@ -271,11 +347,12 @@ class CardReply(ReplyChannel):
             for i, (label, value) in enumerate(
                 zip(s.feedback_labels, s.feedback_values, strict=True)
             )
+            if buttons
         ]
         return {
             "schema": "2.0",
             "config": {"streaming_mode": False, "summary": {"content": _summary(text)}},
-            "body": {"elements": [_markdown(text), *buttons]},
+            "body": {"elements": [_markdown(text), *elements]},
         }
 
 

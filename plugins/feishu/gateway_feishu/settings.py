@@ -8,11 +8,32 @@ import attrs
 
 from gateway.secrets import Secret
 
-__all__ = ["DOMAINS", "FeishuSettings"]
+__all__ = ["DOMAINS", "MAX_TEXT_LENGTH", "MIN_CARD_INTERVAL", "FeishuSettings"]
 
 #: The two public clouds; anything else must be an http(s) URL (a private deployment, a test).
 DOMAINS = {"feishu": "https://open.feishu.cn", "lark": "https://open.larksuite.com"}
 _positive: Any = attrs.validators.gt(0)  # shared by int and float fields
+#: CardKit allows 10 operations a second on one card: a shorter interval would only earn refusals.
+MIN_CARD_INTERVAL = 0.1
+#: A card, and the post a failed card falls back to, hold at most 30 KB of JSON, and a character
+#: may take 4 bytes (emoji) in it: 6000 leave room for the buttons and an error note.
+MAX_TEXT_LENGTH = 6000
+
+
+def _card_interval(_instance: object, _attribute: attrs.Attribute[float], value: float) -> None:
+    if not value >= MIN_CARD_INTERVAL:
+        raise ValueError(
+            f"must be at least {MIN_CARD_INTERVAL} s: Feishu allows 10 operations a second on one "
+            f"card (got {value!r})"
+        )
+
+
+def _text_length(_instance: object, _attribute: attrs.Attribute[int], value: int) -> None:
+    if not 100 <= value <= MAX_TEXT_LENGTH:
+        raise ValueError(
+            f"must be between 100 and {MAX_TEXT_LENGTH} characters: a card or post holds at most "
+            f"30 KB, and a character can take 4 bytes (got {value!r})"
+        )
 
 
 def _four(_instance: object, attribute: attrs.Attribute[list[str]], value: list[str]) -> None:
@@ -69,8 +90,11 @@ class FeishuSettings:
     )
     card_update_interval: float = attrs.field(
         default=0.3,
-        validator=attrs.validators.ge(0),
-        metadata={"help": "minimum seconds between two calls for one card (Feishu allows 10/s)"},
+        validator=_card_interval,
+        metadata={
+            "help": "minimum seconds between two calls for one card, at least 0.1 (Feishu allows "
+            "10/s)"
+        },
     )
     rate: float = attrs.field(
         default=40.0,
@@ -80,8 +104,11 @@ class FeishuSettings:
     max_text_length: int = attrs.field(
         # A card holds at most 30 KB of JSON; 4000 characters of CJK text stay well below it.
         default=4000,
-        validator=attrs.validators.ge(100),
-        metadata={"help": "characters per card or message; a longer answer continues in another"},
+        validator=_text_length,
+        metadata={
+            "help": "characters per card or message (100 to 6000: a card holds at most 30 KB); a "
+            "longer answer continues in another"
+        },
     )
     frame_timeout: float = attrs.field(
         default=300.0,
