@@ -9,12 +9,12 @@ import json
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from types import TracebackType
 from typing import Any
 
-import attrs
 from aiohttp import web
 
+from gateway.emulation import Call as _Call
+from gateway.emulation import LoopbackServer, count_calls, read_json
 from gateway_dingtalk.emulator._cards import CardApi
 from gateway_dingtalk.emulator._faults import (
     QPS_LIMIT_CODE,
@@ -66,21 +66,11 @@ _Handler = Callable[["_Call"], Awaitable[Any]]
 _ONE_TO_ONE_ONLY = ("audio", "video", "file")
 
 
-@attrs.define(eq=False)
-class _Call:
-    """One HTTP request as a handler sees it."""
-
-    request: web.Request
-    path: str
-    body: Any
-    app: str | None = None
-
-
 def _json_response(body: Any, status: int = 200) -> web.Response:
     return web.json_response(body, status=status, dumps=dumps)
 
 
-class DingTalkEmulator:
+class DingTalkEmulator(LoopbackServer):
     """DingTalk's server side for tests: Stream gateway, OpenAPI, session webhooks, card state.
 
     Bound to ``host`` (loopback) on ``port`` (0: any free port).  Everything a test may flip at run
@@ -88,6 +78,8 @@ class DingTalkEmulator:
     ``refuse_connections``, ``ignore_ws_pings``, ``ack_timeout``, ``max_redeliveries``,
     ``ping_interval``, ``templates``...
     """
+
+    error = EmulatorError
 
     def __init__(
         self,
@@ -117,13 +109,12 @@ class DingTalkEmulator:
     ) -> None:
         if distribution not in ("random", "newest", "reject"):
             raise ValueError(f"unknown distribution {distribution!r}")
+        super().__init__(host, port)
         self.apps: dict[str, str] = dict(
             apps if apps is not None else {DEFAULT_APP: DEFAULT_SECRET}
         )
         if not self.apps:
             raise ValueError("at least one app is required")
-        self.host = host
-        self.port = port
         # -- settings (all may be changed while running) --
         self.ping_interval = ping_interval
         self.ack_timeout = ack_timeout
@@ -172,47 +163,18 @@ class DingTalkEmulator:
         self._openapi = OpenApi(self)
         self._cards = CardApi(self)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._waiters: list[asyncio.Future[None]] = []
-        self._runner: web.AppRunner | None = None
-        self._url = ""
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:PORT``: the OpenAPI endpoint (``DINGTALK_OPENAPI_ENDPOINT``)."""
-        if not self._url:
-            raise EmulatorError("start() the emulator first")
-        return self._url
+    # ``url`` is the OpenAPI endpoint (``DINGTALK_OPENAPI_ENDPOINT``).
 
     @property
     def ws_url(self) -> str:
         """The websocket endpoint ``connections/open`` hands out."""
         return "ws" + self.url[len("http") :] + "/connect"
 
-    async def start(self) -> None:
-        if self._runner is not None:
-            raise EmulatorError("the emulator is already started")
-        app = web.Application(client_max_size=16 * 2**20)
-        app.router.add_routes(self._routes())
-        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        host, port = runner.addresses[0][:2]
-        self.port = port
-        self._url = f"http://{host}:{port}"
-
-    async def close(self) -> None:
-        """Close every socket (with a close frame, aborting after 1 s) and stop serving."""
-        runner, self._runner = self._runner, None
-        if runner is None:
-            return
+    async def _shut_down(self) -> None:
+        """Close every socket (with a close frame, aborting after 1 s)."""
         for outbound in self._stream.outbound.values():
             if outbound.task is not None:
                 outbound.task.cancel()
@@ -222,19 +184,6 @@ class DingTalkEmulator:
             self._stream.live_of(), code=1001, message="emulator closing", closed_by="server"
         )
         await asyncio.gather(*list(self._tasks), return_exceptions=True)
-        await runner.cleanup()
-
-    async def __aenter__(self) -> DingTalkEmulator:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def _routes(self) -> list[web.RouteDef]:
         stream, api, cards = self._stream, self._openapi, self._cards
@@ -276,17 +225,12 @@ class DingTalkEmulator:
     ) -> web.StreamResponse:
         started = time.monotonic()
         path = request.path
-        body: Any = None
-        parse_error: ApiError | None = None
-        raw = await request.read()
-        if raw:
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                body = raw.decode(errors="replace")
-                parse_error = ApiError(
-                    400, "InvalidParameter.JsonFormat", "the body is not valid JSON"
-                )
+        body, parsed = await read_json(request)
+        parse_error = (
+            None
+            if parsed
+            else ApiError(400, "InvalidParameter.JsonFormat", "the body is not valid JSON")
+        )
         call = _Call(request, path, body)
         try:
             if self.latency > 0:
@@ -337,26 +281,6 @@ class DingTalkEmulator:
         code = error.code if error is not None else code
         self.calls.append(CallRecord(method, path, status, code, app, started, body, response))
         self._notify()
-
-    def _notify(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def _wait_for(self, predicate: Callable[[], bool], timeout: float) -> None:
-        """Wait until ``predicate()`` holds (re-checked on every change and every 50 ms);
-        ``TimeoutError`` after ``timeout`` seconds."""
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                waiter = asyncio.get_running_loop().create_future()
-                self._waiters.append(waiter)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waiter, 0.05)
-
-    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-        """Wait until ``predicate()`` is true (e.g. ``lambda: emu.cards[x].ended``)."""
-        await self._wait_for(predicate, timeout)
 
     # -- configuration helpers ------------------------------------------------------------------------
 
@@ -909,13 +833,7 @@ class DingTalkEmulator:
 
     def count(self, path_prefix: str, status: int | None = None, method: str | None = None) -> int:
         """How many HTTP calls matched ``path_prefix`` (and ``status``/``method`` if given)."""
-        return sum(
-            1
-            for call in self.calls
-            if call.path.startswith(path_prefix)
-            and (status is None or call.status == status)
-            and (method is None or call.method == method)
-        )
+        return count_calls(self.calls, path_prefix, status, method)
 
     def expire_tokens(self) -> None:
         """Invalidate every access token now: the next call with one gets InvalidAuthentication."""

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from gateway.emulation import started_emulators
 from gateway_dingtalk.emulator._server import DingTalkEmulator
 
 try:
@@ -42,22 +43,15 @@ DEFAULT_TEMPLATE_VARIABLES = frozenset(
 EmulatorFactory = Callable[..., Awaitable[DingTalkEmulator]]
 
 
+def _emulator(**kwargs: Any) -> DingTalkEmulator:
+    kwargs.setdefault("templates", {DEFAULT_TEMPLATE: DEFAULT_TEMPLATE_VARIABLES})
+    return DingTalkEmulator(**kwargs)
+
+
 @_async_fixture
 async def dingtalk_emulator_factory() -> AsyncIterator[EmulatorFactory]:
-    started: list[DingTalkEmulator] = []
-
-    async def make(**kwargs: Any) -> DingTalkEmulator:
-        kwargs.setdefault("templates", {DEFAULT_TEMPLATE: DEFAULT_TEMPLATE_VARIABLES})
-        emulator = DingTalkEmulator(**kwargs)
-        await emulator.start()
-        started.append(emulator)
-        return emulator
-
-    try:
-        yield make
-    finally:
-        for emulator in reversed(started):
-            await emulator.close()
+    async with started_emulators(_emulator) as start:
+        yield start
 
 
 @_async_fixture

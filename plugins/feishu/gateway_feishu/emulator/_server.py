@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from types import TracebackType
 from typing import Any
 
-import attrs
 from aiohttp import web
 
+from gateway.emulation import Call as _Call
+from gateway.emulation import LoopbackServer, count_calls, read_json
 from gateway_feishu.emulator._cardkit import CardKit
 from gateway_feishu.emulator._faults import ApiError, Fault, FaultPlan, RateWindow, log_id
 from gateway_feishu.emulator._longconn import ENDPOINT_PATH, WS_PATH, LongConnection
@@ -60,17 +59,7 @@ _DEFAULT_FAULTS: dict[int, tuple[int, str]] = {
 }
 
 
-@attrs.define(eq=False)
-class _Call:
-    """One HTTP request as a handler sees it."""
-
-    request: web.Request
-    path: str
-    body: Any
-    app: str | None = None
-
-
-class FeishuEmulator:
+class FeishuEmulator(LoopbackServer):
     """Feishu's server side for tests: long connection, tenant token, IM messages, CardKit.
 
     Bound to ``host`` (loopback) on ``port`` (0: any free port; give the old port to restart on
@@ -79,6 +68,8 @@ class FeishuEmulator:
     ``split_payload``, the ``*_rate_limit``\\ s, ``ping_interval`` and the other ClientConfig
     values...
     """
+
+    error = EmulatorError
 
     def __init__(
         self,
@@ -109,13 +100,12 @@ class FeishuEmulator:
         verification_token: str = "emulator-verification-token",
         seed: int | None = None,
     ) -> None:
+        super().__init__(host, port)
         self.apps: dict[str, str] = dict(
             apps if apps is not None else {DEFAULT_APP: DEFAULT_SECRET}
         )
         if not self.apps:
             raise ValueError("at least one app is required")
-        self.host = host
-        self.port = port
         # -- settings (all may be changed while running) --
         self.ack_timeout = ack_timeout
         self.max_redeliveries = max_redeliveries
@@ -169,46 +159,17 @@ class FeishuEmulator:
         self._tokens = TokenApi(self)
         self._messages = MessageApi(self)
         self._cardkit = CardKit(self)
-        self._waiters: list[asyncio.Future[None]] = []
-        self._runner: web.AppRunner | None = None
-        self._url = ""
 
     # -- lifecycle --------------------------------------------------------------------------------
 
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:PORT``: the domain a client is configured with."""
-        if not self._url:
-            raise EmulatorError("start() the emulator first")
-        return self._url
+    # ``url`` is the domain a client is configured with.
 
     @property
     def ws_url(self) -> str:
         return "ws" + self.url[len("http") :]
 
-    async def start(self) -> None:
-        if self._runner is not None:
-            raise EmulatorError("the emulator is already started")
-        app = web.Application(client_max_size=16 * 2**20)
-        app.router.add_routes(self._routes())
-        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        host, port = runner.addresses[0][:2]
-        self.port = port
-        self._url = f"http://{host}:{port}"
-
-    async def close(self) -> None:
-        """Stop re-pushing, close every websocket (aborting after 1 s) and stop serving."""
-        runner, self._runner = self._runner, None
-        if runner is None:
-            return
+    async def _shut_down(self) -> None:
+        """Stop re-pushing and close every websocket (aborting after 1 s)."""
         tasks = [o.task for o in self._longconn.outbound.values() if o.task is not None]
         for task in tasks:
             task.cancel()
@@ -220,19 +181,6 @@ class FeishuEmulator:
             *(self._longconn.close(live, 1001, "emulator closing") for live in lives),
             return_exceptions=True,
         )
-        await runner.cleanup()
-
-    async def __aenter__(self) -> FeishuEmulator:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def _routes(self) -> list[web.RouteDef]:
         longconn, tokens, messages, cards = (
@@ -295,15 +243,10 @@ class FeishuEmulator:
         self, request: web.Request, handler: _Handler, *, auth: bool
     ) -> web.StreamResponse:
         started = time.monotonic()
-        body: Any = None
-        parse_error: ApiError | None = None
-        raw = await request.read()
-        if raw:
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                body = raw.decode(errors="replace")
-                parse_error = ApiError(400, 9499, "Bad Request: the body is not valid JSON")
+        body, parsed = await read_json(request)
+        parse_error = (
+            None if parsed else ApiError(400, 9499, "Bad Request: the body is not valid JSON")
+        )
         call = _Call(request, request.path, body)
         try:
             if self.latency > 0:
@@ -374,32 +317,6 @@ class FeishuEmulator:
         ):
             if rate is not None and not self._admit(name, call.path, (call.app, api), rate, window):
                 raise ApiError.rate_limited(rate)
-
-    def _notify(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def _wait_for(
-        self, predicate: Callable[[], bool], timeout: float, *, quiet: bool = False
-    ) -> None:
-        """Wait until ``predicate()`` holds (re-checked on every change and every 50 ms);
-        ``TimeoutError`` after ``timeout`` seconds unless ``quiet``."""
-        try:
-            async with asyncio.timeout(None if timeout == float("inf") else timeout):
-                while not predicate():
-                    waiter = asyncio.get_running_loop().create_future()
-                    self._waiters.append(waiter)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(waiter, 0.05)
-        except TimeoutError:
-            if not quiet:
-                raise
-
-    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-        """Wait until ``predicate()`` is true (e.g. ``lambda: emu.cards[x].finished``)."""
-        await self._wait_for(predicate, timeout)
 
     # -- people and chats -------------------------------------------------------------------------
 
@@ -681,13 +598,7 @@ class FeishuEmulator:
 
     def count(self, path_prefix: str, status: int | None = None, method: str | None = None) -> int:
         """How many HTTP calls matched ``path_prefix`` (and ``status``/``method`` if given)."""
-        return sum(
-            1
-            for call in self.calls
-            if call.path.startswith(path_prefix)
-            and (status is None or call.status == status)
-            and (method is None or call.method == method)
-        )
+        return count_calls(self.calls, path_prefix, status, method)
 
     # -- card callbacks ---------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from gateway.emulation import started_emulators
 from gateway_feishu.emulator._server import FeishuEmulator
 
 try:
@@ -37,19 +38,8 @@ EmulatorFactory = Callable[..., Awaitable[FeishuEmulator]]
 
 @_async_fixture
 async def feishu_emulator_factory() -> AsyncIterator[EmulatorFactory]:
-    started: list[FeishuEmulator] = []
-
-    async def make(**kwargs: Any) -> FeishuEmulator:
-        emulator = FeishuEmulator(**kwargs)
-        await emulator.start()
-        started.append(emulator)
-        return emulator
-
-    try:
-        yield make
-    finally:
-        for emulator in reversed(started):
-            await emulator.close()
+    async with started_emulators(FeishuEmulator) as start:
+        yield start
 
 
 @_async_fixture
