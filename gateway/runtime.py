@@ -126,6 +126,7 @@ class InstanceRuntime:
         self._delivered = asyncio.Event()  # set when that count drops to 0
         self._admissions: collections.deque[Incoming] = collections.deque()  # stored, not admitted
         self._admitter: asyncio.Task[None] | None = None
+        self._admission_closed = False  # set by stop(): later commits wait for the next start
         self.driver: Driver = config.driver_class(config.settings, self)
         self.agent: Agent = config.agent_class(config.agent_settings)
         self._supervisor = Supervisor(
@@ -182,6 +183,15 @@ class InstanceRuntime:
             self.metrics.message(self.instance, "duplicate")
             return
         self.metrics.message(self.instance, "received")
+        if self._admission_closed:
+            # Stored after stop() admitted the last messages: the driver is closing, so the
+            # message is answered when the instance starts again (the inbox resumes it).
+            self.logger.info(
+                "message %s stored while stopping; it is answered at the next start",
+                message.message_id,
+                extra={"message_id": message.message_id, "event": "deferred"},
+            )
+            return
         self._admissions.append(message)
         if self._admitter is None or self._admitter.done():
             self._admitter = asyncio.get_running_loop().create_task(self._admit_stored())
@@ -272,8 +282,15 @@ class InstanceRuntime:
         self._accepting = False
         self.status.state = InstanceState.STOPPING
         self._stop_reason = reason
+        if self._delivering:
+            # Commits already under way: their messages are ACKed, so take them in now.
+            self._delivered.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_FINALISE_TIMEOUT):
+                    await self._delivered.wait()
         if self._admitter is not None:
             await self._admitter  # stored messages become turns (or stay queued) like the others
+        self._admission_closed = True
         if not await self._scheduler.wait(grace):
             self.logger.warning(
                 "interrupting the answers still running", extra={"event": "interrupt"}

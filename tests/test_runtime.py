@@ -254,3 +254,30 @@ async def test_a_delivery_cancelled_midway_is_still_answered(gateway, configure)
         await delivering
     channel = await driver.wait_done("c1")
     assert channel.log[-1][1:] == ("finish", "cancel me", True)
+
+
+async def test_a_message_stored_as_stop_begins_is_not_answered_after_the_driver_closed(
+    gateway, configure
+) -> None:
+    # Its commit was under way when stop() began: it is acknowledged and taken in before the
+    # driver closes (interrupted, or left pending with its placeholder for the next start to
+    # continue), never answered through a closed driver.
+    runtime, driver = start(gateway, configure(agent='type = "scripted"\nthen = "hang"'))
+    await connected(runtime)
+    opened_at_close: set[str] = set()
+    close = driver.close
+
+    async def recording_close() -> None:
+        opened_at_close.update(driver.replies)
+        await close()
+
+    driver.close = recording_close  # type: ignore[method-assign]
+    delivering = asyncio.create_task(driver.inject("just in time", message_id="late"))
+    await asyncio.sleep(0)  # deliver() has handed the write to the store
+    await gateway.stop("bot", grace=0)
+    assert await delivering
+    await asyncio.sleep(0.2)
+    assert set(driver.replies) == opened_at_close
+    entry = await gateway.inbox.entry("bot", "late")
+    assert entry is not None
+    assert entry.outcome in (None, Outcome.INTERRUPTED)
