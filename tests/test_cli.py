@@ -240,8 +240,9 @@ async def test_second_signal_during_the_grace_period_exits_at_once(
     """The second signal ends the process immediately with exit code 1 (``os._exit``: a runtime
     failure, since answers were abandoned — they are resumed from the inbox on the next start)."""
     port = free_port()
+    # A 10 s answer: on a loaded machine it must not end before the second signal lands.
     setup_folder(
-        tmp_path, {"bot": echo_instance(port, delay=0.3)}, gateway_toml="shutdown_grace = 10"
+        tmp_path, {"bot": echo_instance(port, delay=1.0)}, gateway_toml="shutdown_grace = 30"
     )
     gateway = start_gateway(gateways, tmp_path)
     await gateway.wait_http(f"http://127.0.0.1:{port}")
