@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import attrs
 
+from gateway.config.fields import (
+    degrade_after_field,
+    degrade_for_field,
+    feedback_labels_field,
+    feedback_values_field,
+    four_distinct,
+    positive,
+    proxy_field,
+    request_timeout_field,
+)
+from gateway.proxy import check_proxy_url
 from gateway.secrets import Secret
 
 __all__ = ["DEFAULT_ENDPOINT", "DingTalkSettings"]
 
 DEFAULT_ENDPOINT = "https://api.dingtalk.com"
-_positive: Any = attrs.validators.gt(0)  # shared by int and float fields
-
-
-def _four(_instance: object, attribute: attrs.Attribute[list[str]], value: list[str]) -> None:
-    if len(value) != 4 or len(set(value)) != 4:
-        raise ValueError("must be four distinct strings")
 
 
 @attrs.frozen
@@ -35,10 +40,7 @@ class DingTalkSettings:
         default=DEFAULT_ENDPOINT,
         metadata={"help": "OpenAPI and stream gateway base URL (tests and private deployments)"},
     )
-    proxy: str = attrs.field(
-        default="",
-        metadata={"help": "socks5://, socks4:// or http:// proxy for the websocket and HTTP calls"},
-    )
+    proxy: str = proxy_field()
     reply_mode: Literal["ai_card", "card", "markdown", "text"] = attrs.field(
         default="ai_card",
         metadata={
@@ -66,27 +68,19 @@ class DingTalkSettings:
     )
     card_label_keys: list[str] = attrs.field(
         factory=lambda: ["label1", "label2", "label3", "label4"],
-        validator=_four,
+        validator=four_distinct,
         metadata={"help": "template variables holding the four button labels"},
     )
     card_action_ids: list[str] = attrs.field(
         factory=lambda: ["feedback1", "feedback2", "feedback3", "feedback4"],
-        validator=_four,
+        validator=four_distinct,
         metadata={"help": "the template's action ids of the four feedback buttons"},
     )
     thinking_text: str = attrs.field(
         default="思考中…", metadata={"help": "shown while the agent has not answered yet"}
     )
-    feedback_labels: list[str] = attrs.field(
-        factory=lambda: ["😄 非常有帮助", "😊 有帮助", "🙂 帮助不大", "😅 没帮助"],
-        validator=_four,
-        metadata={"help": "the four feedback button labels"},
-    )
-    feedback_values: list[str] = attrs.field(
-        factory=lambda: ["very_helpful", "helpful", "not_helpful", "unhelpful"],
-        validator=_four,
-        metadata={"help": "the rating recorded for each button"},
-    )
+    feedback_labels: list[str] = feedback_labels_field()
+    feedback_values: list[str] = feedback_values_field()
     card_update_interval: float = attrs.field(
         default=0.8,
         validator=attrs.validators.ge(0),
@@ -94,7 +88,7 @@ class DingTalkSettings:
     )
     rate: float = attrs.field(
         default=20.0,
-        validator=_positive,
+        validator=positive,
         metadata={"help": "OpenAPI requests per second for this app (DingTalk's quota: 20)"},
     )
     card_max_length: int = attrs.field(
@@ -109,22 +103,12 @@ class DingTalkSettings:
     )
     frame_timeout: float = attrs.field(
         default=90.0,
-        validator=_positive,
+        validator=positive,
         metadata={"help": "reconnect when no frame (not even a ping) arrived for this long"},
     )
-    request_timeout: float = attrs.field(
-        default=10.0, validator=_positive, metadata={"help": "seconds for one OpenAPI call"}
-    )
-    degrade_after: int = attrs.field(
-        default=3,
-        validator=attrs.validators.ge(1),
-        metadata={"help": "card failures in a row after which answers go out as markdown"},
-    )
-    degrade_for: float = attrs.field(
-        default=300.0,
-        validator=attrs.validators.ge(0),
-        metadata={"help": "seconds to stay on markdown before trying cards again"},
-    )
+    request_timeout: float = request_timeout_field()
+    degrade_after: int = degrade_after_field("markdown")
+    degrade_for: float = degrade_for_field("markdown")
 
     def __attrs_post_init__(self) -> None:
         if self.reply_mode == "ai_card" and not self.card_template_id:
@@ -133,8 +117,7 @@ class DingTalkSettings:
             )
         if not self.endpoint.startswith(("http://", "https://")):
             raise ValueError("endpoint must be an http:// or https:// URL")
-        if self.proxy and not self.proxy.startswith(("socks5://", "socks4://", "http://")):
-            raise ValueError("proxy must start with socks5://, socks4:// or http://")
+        check_proxy_url(self.proxy)
 
     @property
     def robot(self) -> str:

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import attrs
 
+from gateway.config.fields import (
+    degrade_after_field,
+    degrade_for_field,
+    feedback_labels_field,
+    feedback_values_field,
+    positive,
+    proxy_field,
+    request_timeout_field,
+)
+from gateway.proxy import check_proxy_url
 from gateway.secrets import Secret
 
 __all__ = ["DOMAINS", "MAX_TEXT_LENGTH", "MIN_CARD_INTERVAL", "FeishuSettings"]
 
 #: The two public clouds; anything else must be an http(s) URL (a private deployment, a test).
 DOMAINS = {"feishu": "https://open.feishu.cn", "lark": "https://open.larksuite.com"}
-_positive: Any = attrs.validators.gt(0)  # shared by int and float fields
 #: CardKit allows 10 operations a second on one card: a shorter interval would only earn refusals.
 MIN_CARD_INTERVAL = 0.1
 #: A card, and the post a failed card falls back to, hold at most 30 KB of JSON, and a character
@@ -36,11 +45,6 @@ def _text_length(_instance: object, _attribute: attrs.Attribute[int], value: int
         )
 
 
-def _four(_instance: object, attribute: attrs.Attribute[list[str]], value: list[str]) -> None:
-    if len(value) != 4 or len(set(value)) != 4:
-        raise ValueError("must be four distinct strings")
-
-
 @attrs.frozen
 class FeishuSettings:
     app_id: str = attrs.field(
@@ -57,10 +61,7 @@ class FeishuSettings:
             "(private deployments, tests)"
         },
     )
-    proxy: str = attrs.field(
-        default="",
-        metadata={"help": "socks5://, socks4:// or http:// proxy for the websocket and HTTP calls"},
-    )
+    proxy: str = proxy_field()
     reply_mode: Literal["card", "text"] = attrs.field(
         default="card",
         metadata={
@@ -74,16 +75,8 @@ class FeishuSettings:
     error_prefix: str = attrs.field(
         default="⚠️", metadata={"help": "put before the error text of a failed answer"}
     )
-    feedback_labels: list[str] = attrs.field(
-        factory=lambda: ["😄 非常有帮助", "😊 有帮助", "🙂 帮助不大", "😅 没帮助"],
-        validator=_four,
-        metadata={"help": "the four feedback button labels"},
-    )
-    feedback_values: list[str] = attrs.field(
-        factory=lambda: ["very_helpful", "helpful", "not_helpful", "unhelpful"],
-        validator=_four,
-        metadata={"help": "the rating recorded for each button"},
-    )
+    feedback_labels: list[str] = feedback_labels_field()
+    feedback_values: list[str] = feedback_values_field()
     feedback_thanks: str = attrs.field(
         default="感谢反馈：{label}",
         metadata={"help": "the toast shown after a click; {label} is the button's label"},
@@ -98,7 +91,7 @@ class FeishuSettings:
     )
     rate: float = attrs.field(
         default=40.0,
-        validator=_positive,
+        validator=positive,
         metadata={"help": "OpenAPI requests per second for this app (Feishu's quota: 50)"},
     )
     max_text_length: int = attrs.field(
@@ -112,31 +105,20 @@ class FeishuSettings:
     )
     frame_timeout: float = attrs.field(
         default=300.0,
-        validator=_positive,
+        validator=positive,
         metadata={
             "help": "reconnect when no frame (not even a pong) arrived for this long; keep it "
             "above the ping interval (120 s unless Feishu says otherwise)"
         },
     )
-    request_timeout: float = attrs.field(
-        default=10.0, validator=_positive, metadata={"help": "seconds for one OpenAPI call"}
-    )
-    degrade_after: int = attrs.field(
-        default=3,
-        validator=attrs.validators.ge(1),
-        metadata={"help": "card failures in a row after which answers go out as messages"},
-    )
-    degrade_for: float = attrs.field(
-        default=300.0,
-        validator=attrs.validators.ge(0),
-        metadata={"help": "seconds to stay on messages before trying cards again"},
-    )
+    request_timeout: float = request_timeout_field()
+    degrade_after: int = degrade_after_field("messages")
+    degrade_for: float = degrade_for_field("messages")
 
     def __attrs_post_init__(self) -> None:
         if self.domain not in DOMAINS and not self.domain.startswith(("http://", "https://")):
             raise ValueError("domain must be 'feishu', 'lark' or an http:// or https:// URL")
-        if self.proxy and not self.proxy.startswith(("socks5://", "socks4://", "http://")):
-            raise ValueError("proxy must start with socks5://, socks4:// or http://")
+        check_proxy_url(self.proxy)
 
     @property
     def base_url(self) -> str:

@@ -1,0 +1,31 @@
+"""A driver instance's own proxy: checking the URL, and the HTTP session that goes through it."""
+
+from __future__ import annotations
+
+import aiohttp
+
+__all__ = ["PROXY_SCHEMES", "check_proxy_url", "proxied_session"]
+
+PROXY_SCHEMES = ("socks5://", "socks4://", "http://")
+
+
+def check_proxy_url(proxy: str) -> None:
+    """``ValueError`` unless ``proxy`` is empty (no proxy) or one of :data:`PROXY_SCHEMES`."""
+    if proxy and not proxy.startswith(PROXY_SCHEMES):
+        raise ValueError("proxy must start with socks5://, socks4:// or http://")
+
+
+def proxied_session(proxy: str, user_agent: str) -> aiohttp.ClientSession:
+    """A session for a driver's OpenAPI calls and its websocket, through ``proxy`` (none if "").
+
+    Proxy environment variables are ignored on purpose: they apply to the whole process, and
+    each instance may need its own proxy (or none).
+    """
+    connector = None
+    if proxy:
+        # aiohttp-socks is a dependency of the drivers that have a proxy setting, not of the
+        # core: imported only when a proxy is configured.
+        from aiohttp_socks import ProxyConnector
+
+        connector = ProxyConnector.from_url(proxy)
+    return aiohttp.ClientSession(connector=connector, headers={"User-Agent": user_agent})
