@@ -25,7 +25,6 @@ import urllib.parse
 from typing import Any
 
 import aiohttp
-from aiohttp_socks import ProxyConnector
 from dingtalk_stream import AckMessage, CallbackMessage, CardCallbackMessage, SystemMessage
 from dingtalk_stream.card_callback import Card_Callback_Router_Topic
 
@@ -39,6 +38,7 @@ from gateway.errors import (
     ShuttingDown,
 )
 from gateway.models import FeedbackEvent, Incoming, Outgoing, TargetKind
+from gateway.proxy import proxied_session
 from gateway.ratelimit import rate_limits
 from gateway.secrets import Secret
 from gateway.websocket import FrameTasks, messages
@@ -102,18 +102,9 @@ class DingTalkDriver(Driver):
     # -- connection ----------------------------------------------------------------------------
 
     def _session(self) -> aiohttp.ClientSession:
-        """The one HTTP session of this driver (OpenAPI calls and the websocket), through the proxy.
-
-        Proxy environment variables are ignored on purpose: they apply to the whole process, and
-        each instance may need its own proxy (or none).
-        """
+        """The one HTTP session of this driver (OpenAPI calls and the websocket), through the proxy."""
         if self._http is None or self._http.closed:
-            connector = (
-                ProxyConnector.from_url(self.settings.proxy) if self.settings.proxy else None
-            )
-            self._http = aiohttp.ClientSession(
-                connector=connector, headers={"User-Agent": _USER_AGENT}
-            )
+            self._http = proxied_session(self.settings.proxy, _USER_AGENT)
         return self._http
 
     async def serve(self) -> None:

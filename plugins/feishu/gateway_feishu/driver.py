@@ -37,7 +37,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
-from aiohttp_socks import ProxyConnector
 
 from gateway.breaker import Breaker
 from gateway.driver import Capabilities, Driver, DriverContext, ReplyChannel
@@ -49,6 +48,7 @@ from gateway.errors import (
     ShuttingDown,
 )
 from gateway.models import Incoming, Outgoing, TargetKind
+from gateway.proxy import proxied_session
 from gateway.ratelimit import rate_limits
 from gateway.secrets import Secret
 from gateway.websocket import FrameTasks, messages
@@ -144,18 +144,9 @@ class FeishuDriver(Driver):
     # -- connection ----------------------------------------------------------------------------
 
     def _session(self) -> aiohttp.ClientSession:
-        """The one HTTP session of this driver (OpenAPI calls and the websocket), through the proxy.
-
-        Proxy environment variables are ignored on purpose: they apply to the whole process, and
-        each instance may need its own proxy (or none).
-        """
+        """The one HTTP session of this driver (OpenAPI calls and the websocket), through the proxy."""
         if self._http is None or self._http.closed:
-            connector = (
-                ProxyConnector.from_url(self.settings.proxy) if self.settings.proxy else None
-            )
-            self._http = aiohttp.ClientSession(
-                connector=connector, headers={"User-Agent": _USER_AGENT}
-            )
+            self._http = proxied_session(self.settings.proxy, _USER_AGENT)
         return self._http
 
     async def serve(self) -> None:
