@@ -9,38 +9,34 @@ second), 5xx, network errors, and an expired token (DingTalk answers it with 400
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 
-from gateway.errors import AuthenticationError, DriverError, RateLimited, RetryableError
-from gateway.ratelimit import CallOutcome, TokenBucket, call_with_retry
-from gateway.secrets import Secret
+from gateway import openapi
+from gateway.errors import AuthenticationError, RateLimited, RetryableError
+from gateway.openapi import AccessToken, TokenRejected, exchange_json, retried
+from gateway.ratelimit import CallOutcome, TokenBucket
 from gateway_dingtalk.settings import DingTalkSettings
 
 __all__ = ["OpenApi", "OpenApiError"]
 
-# Refresh this long before DingTalk's expiry, so a token never expires mid-call.
-_TOKEN_MARGIN = 300.0
 
-
-class OpenApiError(DriverError):
+class OpenApiError(openapi.OpenApiError):
     """DingTalk refused a call for a reason retrying cannot fix (bad parameter, missing permission)."""
 
+    code: str
+
     def __init__(self, path: str, status: int, code: str, message: str) -> None:
-        super().__init__(f"DingTalk {path} failed: HTTP {status} {code}: {message}")
-        self.path = path
-        self.status = status
-        self.code = code
-
-
-class _TokenRejected(RetryableError):
-    """The token was not accepted: fetch a new one and try again."""
+        super().__init__(
+            f"DingTalk {path} failed: HTTP {status} {code}: {message}",
+            path=path,
+            status=status,
+            code=code,
+        )
 
 
 class OpenApi:
@@ -58,10 +54,7 @@ class OpenApi:
         self._session = session
         self._bucket = bucket
         self._log = logger
-        # A Secret, so the log redactor masks it wherever it shows up (an error from a library).
-        self._token: Secret | None = None
-        self._token_expires = 0.0
-        self._token_lock = asyncio.Lock()
+        self._token = AccessToken(self._fetch_token)
         self._on_outcome = on_outcome
 
     @property
@@ -95,38 +88,26 @@ class OpenApi:
         await self._retrying(once)
 
     async def token(self) -> str:
-        if self._token and time.monotonic() < self._token_expires:
-            return self._token.reveal()
-        async with self._token_lock:  # one fetch for all the callers that found it expired
-            if self._token and time.monotonic() < self._token_expires:
-                return self._token.reveal()
-            body = {
-                "appKey": self._settings.client_id,
-                "appSecret": self._settings.client_secret.reveal(),
-            }
-            try:
-                data = await self._request("POST", self.base + "/v1.0/oauth2/accessToken", body, {})
-            except OpenApiError as exc:
-                if exc.status in (400, 401, 403):
-                    raise AuthenticationError(
-                        f"DingTalk rejected the client id/secret of app {self._settings.client_id} "
-                        f"({exc.code})"
-                    ) from None
-                raise
-            token = str(data["accessToken"])
-            self._token = Secret(token, short_lived=True)
-            lifetime = float(data.get("expireIn", 7200))
-            self._token_expires = time.monotonic() + max(lifetime - _TOKEN_MARGIN, lifetime / 2)
-            return token
+        return await self._token.get()
 
-    def _invalidate(self, token: str) -> None:
-        if self._token is not None and self._token.reveal() == token:
-            self._token = None
+    async def _fetch_token(self) -> tuple[str, float]:
+        body = {
+            "appKey": self._settings.client_id,
+            "appSecret": self._settings.client_secret.reveal(),
+        }
+        try:
+            data = await self._request("POST", self.base + "/v1.0/oauth2/accessToken", body, {})
+        except OpenApiError as exc:
+            if exc.status in (400, 401, 403):
+                raise AuthenticationError(
+                    f"DingTalk rejected the client id/secret of app {self._settings.client_id} "
+                    f"({exc.code})"
+                ) from None
+            raise
+        return str(data["accessToken"]), float(data.get("expireIn", 7200))
 
     async def _retrying(self, once: Callable[[], Any]) -> dict[str, Any]:
-        result: dict[str, Any] = await call_with_retry(
-            once, bucket=self._bucket, on_outcome=self._on_outcome, attempts=5, initial=0.5, cap=8.0
-        )
+        result: dict[str, Any] = await retried(once, self._bucket, self._on_outcome)
         return result
 
     async def _request(
@@ -143,8 +124,8 @@ class OpenApi:
         message = str(data.get("message", ""))
         if (status == 400 and code == "InvalidAuthentication") or status == 401:
             if token:
-                self._invalidate(token)
-                raise _TokenRejected(f"DingTalk {path}: token rejected ({code or status})")
+                self._token.invalidate(token)
+                raise TokenRejected(f"DingTalk {path}: token rejected ({code or status})")
         if (status == 403 and "Limit" in code) or status == 429:
             raise RateLimited(f"DingTalk {path}: {code or status}", retry_after=1.0)
         if status >= 500:
@@ -157,23 +138,16 @@ class OpenApi:
         """One JSON request: (HTTP status, parsed body or None).  Network failures and timeouts
         become RetryableError; everything else is the caller's to judge."""
         path = url.split("?", 1)[0].removeprefix(self.base)
-        timeout = aiohttp.ClientTimeout(total=self._settings.request_timeout)
-        try:
-            async with self._session().request(
-                method,
-                url,
-                json=body,
-                headers={**(headers or {}), "Accept": "application/json"},
-                timeout=timeout,
-            ) as response:
-                try:
-                    return response.status, await response.json(content_type=None)
-                except ValueError:
-                    return response.status, None
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise RetryableError(
-                f"DingTalk {path} unreachable: {type(exc).__name__}: {exc}"
-            ) from exc
+        status, data, _ = await exchange_json(
+            self._session(),
+            method,
+            url,
+            body,
+            headers=headers,
+            label=f"DingTalk {path}",
+            timeout=self._settings.request_timeout,
+        )
+        return status, data
 
 
 def new_guid() -> str:

@@ -22,25 +22,22 @@ many components) is an :class:`OpenApiError` carrying Feishu's ``code``; retryin
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
 
-from gateway.errors import AuthenticationError, DriverError, RateLimited, RetryableError
-from gateway.ratelimit import CallOutcome, TokenBucket, call_with_retry
-from gateway.secrets import Secret
+from gateway import openapi
+from gateway.errors import AuthenticationError, RateLimited, RetryableError
+from gateway.openapi import AccessToken, TokenRejected, exchange_json, retried
+from gateway.ratelimit import CallOutcome, TokenBucket
 from gateway_feishu.settings import FeishuSettings
 
 __all__ = ["OpenApi", "OpenApiError", "api_name"]
 
 TOKEN_PATH = "/open-apis/auth/v3/tenant_access_token/internal"
-# Refresh this long before Feishu's expiry, so a token never expires mid-call.
-_TOKEN_MARGIN = 300.0
 _TOKEN_CODES = frozenset({99991661, 99991663, 99991668, 99991677})
 # The app's frequency limits: 99991400 (per app and API), 11232 (the app's messages).
 _APP_RATE_CODES = frozenset({99991400, 11232})
@@ -56,18 +53,18 @@ _ID_AFTER = ("messages", "cards", "elements")
 _CREDENTIAL_CODES = frozenset({10003, 10014, 10015})
 
 
-class OpenApiError(DriverError):
+class OpenApiError(openapi.OpenApiError):
     """Feishu refused a call for a reason retrying cannot fix (bad parameter, missing permission)."""
 
+    code: int
+
     def __init__(self, path: str, status: int, code: int, message: str) -> None:
-        super().__init__(f"Feishu {path} failed: HTTP {status}, code {code}: {message}")
-        self.path = path
-        self.status = status
-        self.code = code
-
-
-class _TokenRejected(RetryableError):
-    """The tenant token was not accepted: fetch a new one and try again."""
+        super().__init__(
+            f"Feishu {path} failed: HTTP {status}, code {code}: {message}",
+            path=path,
+            status=status,
+            code=code,
+        )
 
 
 class OpenApi:
@@ -86,10 +83,7 @@ class OpenApi:
         self._bucket = bucket
         self._log = logger
         self._on_outcome = on_outcome
-        # A Secret, so the log redactor masks it wherever it shows up (an error from a library).
-        self._token: Secret | None = None
-        self._token_expires = 0.0
-        self._token_lock = asyncio.Lock()
+        self._token = AccessToken(self._fetch_token)
         # Paces for the APIs Feishu announced a limit below the app's rate for (by api_name).
         self._api_paces: dict[str, TokenBucket] = {}
 
@@ -120,44 +114,31 @@ class OpenApi:
             headers = {"Authorization": f"Bearer {token}"}
             try:
                 return await self._request(method, path, body, headers, params, api)
-            except _TokenRejected:
-                self._invalidate(token)
+            except TokenRejected:
+                self._token.invalidate(token)
                 raise
 
-        result: dict[str, Any] = await call_with_retry(
-            once, bucket=self._bucket, on_outcome=self._on_outcome, attempts=5, initial=0.5, cap=8.0
-        )
-        return result
+        return await retried(once, self._bucket, self._on_outcome)
 
     async def token(self) -> str:
         """The tenant access token, fetched once for all the callers that found it missing."""
-        if self._token and time.monotonic() < self._token_expires:
-            return self._token.reveal()
-        async with self._token_lock:
-            if self._token and time.monotonic() < self._token_expires:
-                return self._token.reveal()
-            body = {
-                "app_id": self._settings.app_id,
-                "app_secret": self._settings.app_secret.reveal(),
-            }
-            status, data, _ = await self.exchange("POST", TOKEN_PATH, body)
-            code = data.get("code") if isinstance(data, dict) else None
-            token = data.get("tenant_access_token") if isinstance(data, dict) else None
-            if code in _CREDENTIAL_CODES or (status in (400, 401, 403) and code != 0):
-                raise AuthenticationError(
-                    f"Feishu rejected the app id/secret of app {self._settings.app_id} "
-                    f"(code {code})"
-                )
-            if code != 0 or not isinstance(token, str) or not token:
-                raise RetryableError(f"Feishu {TOKEN_PATH}: HTTP {status}, code {code}")
-            lifetime = float(data.get("expire", 7200))
-            self._token = Secret(token, short_lived=True)
-            self._token_expires = time.monotonic() + max(lifetime - _TOKEN_MARGIN, lifetime / 2)
-            return token
+        return await self._token.get()
 
-    def _invalidate(self, token: str) -> None:
-        if self._token is not None and self._token.reveal() == token:
-            self._token = None
+    async def _fetch_token(self) -> tuple[str, float]:
+        body = {
+            "app_id": self._settings.app_id,
+            "app_secret": self._settings.app_secret.reveal(),
+        }
+        status, data, _ = await self.exchange("POST", TOKEN_PATH, body)
+        code = data.get("code") if isinstance(data, dict) else None
+        token = data.get("tenant_access_token") if isinstance(data, dict) else None
+        if code in _CREDENTIAL_CODES or (status in (400, 401, 403) and code != 0):
+            raise AuthenticationError(
+                f"Feishu rejected the app id/secret of app {self._settings.app_id} (code {code})"
+            )
+        if code != 0 or not isinstance(token, str) or not token:
+            raise RetryableError(f"Feishu {TOKEN_PATH}: HTTP {status}, code {code}")
+        return token, float(data.get("expire", 7200))
 
     async def _request(
         self,
@@ -178,7 +159,7 @@ class OpenApi:
             return result if isinstance(result, dict) else data
         message = str(data.get("msg", ""))
         if code in _TOKEN_CODES:
-            raise _TokenRejected(f"Feishu {path}: tenant token rejected (code {code})")
+            raise TokenRejected(f"Feishu {path}: tenant token rejected (code {code})")
         if code == _CHAT_RATE_CODE:
             # One chat's limit: this send waits (backoff), other chats and calls go on.
             raise RateLimited(f"Feishu {path}: too many messages to this chat (code {code})")
@@ -232,23 +213,16 @@ class OpenApi:
     ) -> tuple[int, Any, Mapping[str, str]]:
         """One JSON request to ``base + path``: (HTTP status, parsed body or None, headers).
         Network failures and timeouts become RetryableError; the rest is the caller's to judge."""
-        timeout = aiohttp.ClientTimeout(total=self._settings.request_timeout)
-        try:
-            async with self._session().request(
-                method,
-                self.base + path,
-                json=body,
-                params=params,
-                headers={**(headers or {}), "Accept": "application/json"},
-                timeout=timeout,
-            ) as response:
-                try:
-                    data = await response.json(content_type=None)
-                except ValueError:
-                    data = None
-                return response.status, data, response.headers
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise RetryableError(f"Feishu {path} unreachable: {type(exc).__name__}: {exc}") from exc
+        return await exchange_json(
+            self._session(),
+            method,
+            self.base + path,
+            body,
+            headers=headers,
+            params=params,
+            label=f"Feishu {path}",
+            timeout=self._settings.request_timeout,
+        )
 
 
 def api_name(method: str, path: str) -> str:

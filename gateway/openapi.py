@@ -1,0 +1,122 @@
+"""Building blocks of a driver's OpenAPI client: the app's access token, one JSON exchange, the
+retry schedule, and the error for what the platform refuses for good.
+
+What a platform's answers mean (which codes are transient, which mean a bad token) stays in the
+driver; these pieces only do what every platform's client does the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import aiohttp
+
+from gateway.errors import DriverError, RetryableError
+from gateway.ratelimit import CallOutcome, TokenBucket, call_with_retry
+from gateway.secrets import Secret
+
+__all__ = [
+    "TOKEN_MARGIN",
+    "AccessToken",
+    "OpenApiError",
+    "TokenRejected",
+    "exchange_json",
+    "retried",
+]
+
+#: Refresh this long before the platform's expiry, so a token never expires mid-call.
+TOKEN_MARGIN = 300.0
+
+T = TypeVar("T")
+
+
+class OpenApiError(DriverError):
+    """The platform refused a call for a reason retrying cannot fix (bad parameter, missing
+    permission).  ``code`` is the platform's own (a string on DingTalk, a number on Feishu)."""
+
+    def __init__(self, message: str, *, path: str, status: int, code: Any) -> None:
+        super().__init__(message)
+        self.path = path
+        self.status = status
+        self.code = code
+
+
+class TokenRejected(RetryableError):
+    """The access token was not accepted: it is dropped, and the retry fetches a new one."""
+
+
+class AccessToken:
+    """One app's access token, shared by all its calls: fetched once for all the callers that find
+    it missing or near its expiry (no stampede on the token endpoint), and kept as a short-lived
+    :class:`~gateway.secrets.Secret` so the log redactor masks it wherever it shows up."""
+
+    def __init__(self, fetch: Callable[[], Awaitable[tuple[str, float]]]) -> None:
+        """``fetch()`` asks the platform: (token, lifetime in seconds)."""
+        self._fetch = fetch
+        self._token: Secret | None = None
+        self._expires = 0.0
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> str:
+        if self._token and time.monotonic() < self._expires:
+            return self._token.reveal()
+        async with self._lock:
+            if self._token and time.monotonic() < self._expires:
+                return self._token.reveal()
+            token, lifetime = await self._fetch()
+            self._token = Secret(token, short_lived=True)
+            # Half the lifetime at least: a platform that hands out short tokens still gets reuse.
+            self._expires = time.monotonic() + max(lifetime - TOKEN_MARGIN, lifetime / 2)
+            return token
+
+    def invalidate(self, token: str) -> None:
+        """Drop ``token`` if it is still the current one (a concurrent call may have renewed it)."""
+        if self._token is not None and self._token.reveal() == token:
+            self._token = None
+
+
+async def exchange_json(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    body: Mapping[str, Any] | None,
+    *,
+    label: str,
+    timeout: float,
+    headers: Mapping[str, str] | None = None,
+    params: Mapping[str, str] | None = None,
+) -> tuple[int, Any, Mapping[str, str]]:
+    """One JSON request: (HTTP status, parsed body or None, response headers).  Network failures
+    and timeouts become :class:`RetryableError` (``"<label> unreachable: ..."``); everything else
+    is the caller's to judge."""
+    try:
+        async with session.request(
+            method,
+            url,
+            json=body,
+            params=params,
+            headers={**(headers or {}), "Accept": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as response:
+            try:
+                data = await response.json(content_type=None)
+            except ValueError:
+                data = None
+            return response.status, data, response.headers
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise RetryableError(f"{label} unreachable: {type(exc).__name__}: {exc}") from exc
+
+
+async def retried(
+    once: Callable[[], Awaitable[T]],
+    bucket: TokenBucket,
+    on_outcome: Callable[[CallOutcome], None],
+) -> T:
+    """``once()`` through the app's bucket, retried on what is transient: 5 attempts, backoff from
+    0.5 s capped at 8 s (a platform's rate window is a second or a minute), each outcome reported."""
+    return await call_with_retry(
+        once, bucket=bucket, on_outcome=on_outcome, attempts=5, initial=0.5, cap=8.0
+    )
