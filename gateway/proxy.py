@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 
-__all__ = ["PROXY_SCHEMES", "check_proxy_url", "proxied_session"]
+__all__ = ["PROXY_SCHEMES", "ProxiedSession", "check_proxy_url", "proxied_session"]
 
 PROXY_SCHEMES = ("socks5://", "socks4://", "http://")
 
@@ -29,3 +29,24 @@ def proxied_session(proxy: str, user_agent: str) -> aiohttp.ClientSession:
 
         connector = ProxyConnector.from_url(proxy)
     return aiohttp.ClientSession(connector=connector, headers={"User-Agent": user_agent})
+
+
+class ProxiedSession:
+    """A driver's one HTTP session (its OpenAPI calls and its websocket), through its proxy:
+    ``session()`` makes it on first use, and again after :meth:`close` (a driver serves again
+    after being closed by a reload)."""
+
+    def __init__(self, proxy: str, user_agent: str) -> None:
+        self._proxy = proxy
+        self._user_agent = user_agent
+        self._session: aiohttp.ClientSession | None = None
+
+    def __call__(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = proxied_session(self._proxy, self._user_agent)
+        return self._session
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()

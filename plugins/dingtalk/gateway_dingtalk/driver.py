@@ -38,7 +38,7 @@ from gateway.errors import (
     ShuttingDown,
 )
 from gateway.models import FeedbackEvent, Incoming, Outgoing, TargetKind
-from gateway.proxy import proxied_session
+from gateway.proxy import ProxiedSession
 from gateway.ratelimit import rate_limits
 from gateway.secrets import Secret
 from gateway.websocket import FrameTasks, messages
@@ -71,7 +71,7 @@ class DingTalkDriver(Driver):
     def __init__(self, settings: DingTalkSettings, context: DriverContext) -> None:
         super().__init__(settings, context)
         self._log = context.logger
-        self._http: aiohttp.ClientSession | None = None
+        self._session = ProxiedSession(settings.proxy, _USER_AGENT)
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._closing = False
         self._frame_tasks = FrameTasks()
@@ -100,12 +100,6 @@ class DingTalkDriver(Driver):
         return settings.client_id
 
     # -- connection ----------------------------------------------------------------------------
-
-    def _session(self) -> aiohttp.ClientSession:
-        """The one HTTP session of this driver (OpenAPI calls and the websocket), through the proxy."""
-        if self._http is None or self._http.closed:
-            self._http = proxied_session(self.settings.proxy, _USER_AGENT)
-        return self._http
 
     async def serve(self) -> None:
         self._closing = False
@@ -182,9 +176,7 @@ class DingTalkDriver(Driver):
         if ws is not None:
             await ws.close()
         await self._frame_tasks.cancel()
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+        await self._session.close()
 
     # -- frames --------------------------------------------------------------------------------
 

@@ -48,7 +48,7 @@ from gateway.errors import (
     ShuttingDown,
 )
 from gateway.models import Incoming, Outgoing, TargetKind
-from gateway.proxy import proxied_session
+from gateway.proxy import ProxiedSession
 from gateway.ratelimit import rate_limits
 from gateway.secrets import Secret
 from gateway.websocket import FrameTasks, messages
@@ -108,7 +108,7 @@ class FeishuDriver(Driver):
     def __init__(self, settings: FeishuSettings, context: DriverContext) -> None:
         super().__init__(settings, context)
         self._log = context.logger
-        self._http: aiohttp.ClientSession | None = None
+        self._session = ProxiedSession(settings.proxy, _USER_AGENT)
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._closing = False
         self._tasks = FrameTasks()
@@ -142,12 +142,6 @@ class FeishuDriver(Driver):
         return settings.app_id
 
     # -- connection ----------------------------------------------------------------------------
-
-    def _session(self) -> aiohttp.ClientSession:
-        """The one HTTP session of this driver (OpenAPI calls and the websocket), through the proxy."""
-        if self._http is None or self._http.closed:
-            self._http = proxied_session(self.settings.proxy, _USER_AGENT)
-        return self._http
 
     async def serve(self) -> None:
         self._closing = False
@@ -268,9 +262,7 @@ class FeishuDriver(Driver):
         if ws is not None:
             await ws.close()
         await self._tasks.cancel()
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+        await self._session.close()
 
     # -- frames --------------------------------------------------------------------------------
 
