@@ -25,7 +25,7 @@ import attrs
 
 from gateway.models import FeedbackEvent, Incoming, Outgoing
 
-__all__ = ["Capabilities", "Driver", "DriverContext", "ReplyChannel"]
+__all__ = ["Capabilities", "Driver", "DriverContext", "MessageReplyChannel", "ReplyChannel"]
 
 
 @attrs.frozen
@@ -88,6 +88,24 @@ class ReplyChannel(abc.ABC):
 
         The core finishes this channel (``last=False``) before using the follow-up, and never
         calls ``start`` on a follow-up."""
+
+
+class MessageReplyChannel(ReplyChannel):
+    """A reply as plain messages, one per part: nothing to show until a part is complete (no
+    placeholder, no updates), then :meth:`send`.  For platforms (or modes) without edits."""
+
+    async def start(self) -> None:
+        return None
+
+    async def update(self, text: str) -> None:
+        return None
+
+    async def finish(self, text: str, *, last: bool, feedback: bool) -> None:
+        await self.send(text)
+
+    @abc.abstractmethod
+    async def send(self, text: str) -> None:
+        """Send ``text`` as one message in the conversation replied to."""
 
 
 class DriverContext(Protocol):

@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from gateway.breaker import Breaker
-from gateway.driver import ReplyChannel
+from gateway.driver import MessageReplyChannel, ReplyChannel
 from gateway.models import ConversationKind, Incoming
 from gateway_dingtalk._openapi import OpenApi, OpenApiError, new_guid
 from gateway_dingtalk.settings import DingTalkSettings
@@ -122,7 +122,7 @@ class _Paced:
         self._last = float("-inf")
 
 
-class MessageReply(ReplyChannel):
+class MessageReply(MessageReplyChannel):
     """Markdown or text messages: nothing to show until a part is complete."""
 
     def __init__(
@@ -132,15 +132,6 @@ class MessageReply(ReplyChannel):
         self._settings = settings
         self._target = _Target(message, settings)
         self._markdown = markdown
-
-    async def start(self) -> None:
-        return None
-
-    async def update(self, text: str) -> None:
-        return None
-
-    async def finish(self, text: str, *, last: bool, feedback: bool) -> None:
-        await self.send(text)
 
     async def fail(self, text: str, error: str) -> None:
         await self.send(f"{text}\n\n{error}" if text else error)

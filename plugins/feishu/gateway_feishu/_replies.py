@@ -33,7 +33,7 @@ from typing import Any
 import attrs
 
 from gateway.breaker import Breaker
-from gateway.driver import ReplyChannel
+from gateway.driver import MessageReplyChannel, ReplyChannel
 from gateway.models import Incoming
 from gateway.ratelimit import TokenBucket
 from gateway_feishu._cardstore import CardRecord, CardStore, Sequence
@@ -86,22 +86,13 @@ class ReplyTools:
     log: logging.LoggerAdapter[logging.Logger]
 
 
-class MessageReply(ReplyChannel):
+class MessageReply(MessageReplyChannel):
     """Messages: nothing to show until a part is complete."""
 
     def __init__(self, tools: ReplyTools, message: Incoming, index: int = 0) -> None:
         self._tools = tools
         self._message = message
         self._index = index
-
-    async def start(self) -> None:
-        return None
-
-    async def update(self, text: str) -> None:
-        return None
-
-    async def finish(self, text: str, *, last: bool, feedback: bool) -> None:
-        await self.send(text)
 
     async def fail(self, text: str, error: str) -> None:
         await self.send(_with_error(text, error, self._tools.settings))
