@@ -1,6 +1,7 @@
 """DingTalk tests: the emulator's fixtures (``dingtalk_emulator``, ``dingtalk_emulator_factory``), and
 for the tests that run the real ``gateway`` command: an app of their own (``app``, secret
-:data:`SECRET`), an emulator knowing it (``emu``) and the process starter (``gateways``).
+:data:`SECRET`) and an emulator knowing it (``emu``); the process starter (``gateways``) is the
+root conftest's.
 
 ``pytest_plugins`` is only allowed in the root conftest, so the fixtures are imported here.
 """
@@ -8,17 +9,15 @@ for the tests that run the real ``gateway`` command: an app of their own (``app`
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 
 import pytest
 
 from gateway_dingtalk.emulator import DingTalkEmulator
 from gateway_dingtalk.emulator.fixture import dingtalk_emulator, dingtalk_emulator_factory
 from gateway_testkit.dingtalk import TEMPLATE, TEMPLATE_VARIABLES
-from gateway_testkit.process import GatewayProcesses
 
-__all__ = ["SECRET", "app", "dingtalk_emulator", "dingtalk_emulator_factory", "emu", "gateways"]
+__all__ = ["SECRET", "app", "dingtalk_emulator", "dingtalk_emulator_factory", "emu"]
 
 #: the client secret of ``app`` (a test scans logs for it)
 SECRET = "cli-dt-secret-94b1e0c3"
@@ -36,10 +35,3 @@ async def emu(
     return await dingtalk_emulator_factory(
         apps={app: SECRET}, templates={TEMPLATE: TEMPLATE_VARIABLES}, ack_timeout=2.0
     )
-
-
-@pytest.fixture
-def gateways(tmp_path: Path) -> Iterator[GatewayProcesses]:
-    """Starts ``gateway`` processes; kills every one still running at teardown."""
-    with GatewayProcesses(tmp_path) as processes:
-        yield processes

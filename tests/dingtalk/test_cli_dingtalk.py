@@ -15,7 +15,7 @@ from pathlib import Path
 from dingtalk.conftest import SECRET
 from gateway_dingtalk.emulator import CardState, DingTalkEmulator, SentMessage
 from gateway_testkit.dingtalk import TEMPLATE, reply_id_for
-from gateway_testkit.process import GatewayProcess, GatewayProcesses, loopback_env
+from gateway_testkit.process import GatewayProcess, GatewayProcesses, write_folder
 
 CREATE = "/v1.0/card/instances/createAndDeliver"
 INTERRUPTED = "The answer was interrupted because the gateway is stopping."
@@ -27,48 +27,19 @@ def setup_folder(
     root: Path, emu: DingTalkEmulator, app: str, *, delay: float, grace: float
 ) -> None:
     """``root/instances/bot.toml`` (the secret from the environment) and ``root/gateway.toml``."""
-    folder = root / "instances"
-    folder.mkdir(exist_ok=True)
-    (folder / "bot.toml").write_text(
-        f"""\
-type = "dingtalk-stream"
-
-[settings]
-client_id = "{app}"
-client_secret = "${{DINGTALK_SECRET}}"
-endpoint = "{emu.url}"
-card_template_id = "{TEMPLATE}"
-card_update_interval = 0.02
-rate = 1000.0
-
-[agent]
-type = "echo"
-delay = {delay}
-
-[reply]
-update_interval = 0.05
-
-[conversation]
-concurrency = 32
-
-[reconnect]
-initial_delay = 0.05
-max_delay = 0.5
-"""
-    )
-    (root / "gateway.toml").write_text(f'state_dir = "state"\nshutdown_grace = {grace}\n')
+    settings = {
+        "client_id": app,
+        "client_secret": "${DINGTALK_SECRET}",
+        "endpoint": emu.url,
+        "card_template_id": TEMPLATE,
+        "card_update_interval": 0.02,
+        "rate": 1000.0,
+    }
+    write_folder(root, "dingtalk-stream", settings, delay=delay, update_interval=0.05, grace=grace)
 
 
 def run(gateways: GatewayProcesses, root: Path, secret: str = SECRET) -> GatewayProcess:
-    return gateways.start(
-        "run",
-        "--instances",
-        root / "instances",
-        "--config",
-        root / "gateway.toml",
-        cwd=root,
-        env=loopback_env({"DINGTALK_SECRET": secret}),
-    )
+    return gateways.run_folder(root, {"DINGTALK_SECRET": secret})
 
 
 async def connected(emu: DingTalkEmulator, gateway: GatewayProcess, opens: int = 1) -> None:

@@ -20,12 +20,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.config import ProcessSettings, load_instance, load_instances
+from gateway.config import load_instances
 from gateway.errors import ConfigError
 from gateway.logs import redact
-from gateway.models import Incoming
 from gateway.plugins import PluginRegistry
-from gateway.runtime import Gateway, InstanceRuntime
+from gateway.runtime import Gateway
 from gateway.store.inbox import InboxEntry
 from gateway.supervisor import InstanceState
 from gateway_dingtalk.emulator import (
@@ -36,6 +35,7 @@ from gateway_dingtalk.emulator import (
     SentMessage,
 )
 from gateway_testkit.dingtalk import TEMPLATE, TEMPLATE_VARIABLES, dingtalk_settings, reply_id_for
+from gateway_testkit.inprocess import Start, instance_starter, running_gateway, slow_store
 from gateway_testkit.process import free_port
 from gateway_testkit.proxy import start_proxy, stop_proxy, wait_port
 
@@ -48,7 +48,6 @@ STREAMING = "/v1.0/card/streaming"
 TOKEN = "/v1.0/oauth2/accessToken"
 
 Factory = Callable[..., Awaitable[DingTalkEmulator]]
-Start = Callable[..., Awaitable[InstanceRuntime]]
 
 
 # -- fixtures ------------------------------------------------------------------------------------
@@ -70,46 +69,18 @@ async def emu(app: str, dingtalk_emulator_factory: Factory) -> DingTalkEmulator:
 @pytest.fixture
 async def gateway(tmp_path: Path, emu: DingTalkEmulator) -> AsyncIterator[Gateway]:
     # Depends on ``emu``: the gateway is closed first, while the emulator still answers.
-    gw = await Gateway.open(ProcessSettings(state_dir=str(tmp_path / "state"), shutdown_grace=1.0))
-    yield gw
-    await gw.close(grace=0.2)
+    async with running_gateway(tmp_path / "state") as gw:
+        yield gw
 
 
 @pytest.fixture
 def start(gateway: Gateway, emu: DingTalkEmulator, app: str, tmp_path: Path) -> Start:
-    async def start(
-        *,
-        name: str = "bot",
-        settings: dict[str, Any] | None = None,
-        agent: dict[str, Any] | None = None,
-        reply: dict[str, Any] | None = None,
-        conversation: dict[str, Any] | None = None,
-        connected: bool = True,
-    ) -> InstanceRuntime:
-        data = {
-            "type": "dingtalk-stream",
-            "settings": {
-                **dingtalk_settings(emu, client_id=app, client_secret=SECRET),
-                "thinking_text": THINKING,
-                "card_update_interval": 0.02,
-                **(settings or {}),
-            },
-            "agent": agent or {"type": "echo", "delay": 0},
-            "reply": {"update_interval": 0.05, **(reply or {})},
-            "conversation": conversation or {},
-            "reconnect": {"initial_delay": 0.05, "max_delay": 0.5},
-        }
-        path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps(data))
-        runtime = gateway.start(load_instance(path, REGISTRY, env={}))
-        assert runtime is not None
-        if connected:
-            async with asyncio.timeout(5):
-                while runtime.status.state is not InstanceState.CONNECTED:
-                    await asyncio.sleep(0.01)
-        return runtime
-
-    return start
+    settings = {
+        **dingtalk_settings(emu, client_id=app, client_secret=SECRET),
+        "thinking_text": THINKING,
+        "card_update_interval": 0.02,
+    }
+    return instance_starter(gateway, tmp_path, "dingtalk-stream", settings, REGISTRY)
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -486,16 +457,7 @@ async def test_stop_waits_for_the_ack_of_a_message_being_stored(
     emu.ack_timeout = 0.5
     async with asyncio.timeout(10):
         runtime = await start()
-        real_deliver = runtime.deliver
-        storing = asyncio.Event()
-
-        async def slow_deliver(message: Incoming) -> bool:
-            storing.set()
-            stored = await real_deliver(message)
-            await asyncio.sleep(0.3)  # a busy disk: the commit takes its time
-            return stored
-
-        runtime.deliver = slow_deliver  # type: ignore[method-assign]
+        storing = slow_store(runtime, 0.3)
         sent = await emu.send_message(text="stored while stopping")
         await storing.wait()
         await gateway.stop("bot", grace=0)

@@ -14,7 +14,7 @@ from test_outbound import TOKEN, post
 from dingtalk.conftest import SECRET
 from dingtalk.test_cli_dingtalk import setup_folder
 from gateway_dingtalk.emulator import DingTalkEmulator
-from gateway_testkit.process import GatewayProcess, GatewayProcesses, loopback_env
+from gateway_testkit.process import GatewayProcess, GatewayProcesses
 
 
 async def boot(
@@ -23,15 +23,7 @@ async def boot(
     setup_folder(root, emu, app, delay=0.0, grace=1.0)
     with (root / "gateway.toml").open("a") as toml:
         toml.write("[http]\nport = 0\n")
-    gateway = gateways.start(
-        "run",
-        "--instances",
-        root / "instances",
-        "--config",
-        root / "gateway.toml",
-        cwd=root,
-        env=loopback_env({"DINGTALK_SECRET": SECRET, "GATEWAY_API_TOKEN": TOKEN}),
-    )
+    gateway = gateways.run_folder(root, {"DINGTALK_SECRET": SECRET, "GATEWAY_API_TOKEN": TOKEN})
     stderr = await gateway.wait_log("http endpoint listening on http://")
     line = next(ln for ln in stderr.splitlines() if "http endpoint listening on" in ln)
     return gateway, line.rsplit(" ", 1)[1]

@@ -11,13 +11,19 @@ import asyncio
 import json
 import signal
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
 from gateway_feishu.emulator import CardState, Delivery, FeishuEmulator
-from gateway_testkit.process import GatewayProcess, GatewayProcesses, loopback_env, run_cli
+from gateway_testkit.process import (
+    GatewayProcess,
+    GatewayProcesses,
+    loopback_env,
+    run_cli,
+    write_folder,
+)
 
 SECRET = "cli-fs-secret-5b20c4e7"
 CARDS = "/open-apis/cardkit/v1/cards"
@@ -35,58 +41,28 @@ async def emu(app: str, feishu_emulator_factory: Factory) -> FeishuEmulator:
     return await feishu_emulator_factory(apps={app: SECRET}, ack_timeout=2.0)
 
 
-@pytest.fixture
-def gateways(tmp_path: Path) -> Iterator[GatewayProcesses]:
-    """Starts ``gateway`` processes; kills every one still running at teardown."""
-    with GatewayProcesses(tmp_path) as processes:
-        yield processes
-
-
 def setup_folder(root: Path, emu: FeishuEmulator, app: str, *, delay: float, grace: float) -> None:
     """``root/instances/bot.toml`` (the secret from the environment) and ``root/gateway.toml``."""
-    folder = root / "instances"
-    folder.mkdir(exist_ok=True)
-    (folder / "bot.toml").write_text(
-        f"""\
-type = "feishu"
-
-[settings]
-app_id = "{app}"
-app_secret = "${{FEISHU_APP_SECRET}}"
-domain = "{emu.url}"
-card_update_interval = 0.11
-rate = 1000.0
-
-[agent]
-type = "echo"
-delay = {delay}
-
-[reply]
-update_interval = 0.1
-
-[conversation]
-concurrency = 32
-
-[reconnect]
-initial_delay = 0.05
-max_delay = 0.5
-"""
-    )
-    (root / "gateway.toml").write_text(
-        f'state_dir = "state"\nshutdown_grace = {grace}\n[http]\nenabled = false\n'
+    settings = {
+        "app_id": app,
+        "app_secret": "${FEISHU_APP_SECRET}",
+        "domain": emu.url,
+        "card_update_interval": 0.11,
+        "rate": 1000.0,
+    }
+    write_folder(
+        root,
+        "feishu",
+        settings,
+        delay=delay,
+        update_interval=0.1,
+        grace=grace,
+        gateway_toml="[http]\nenabled = false\n",
     )
 
 
 def run(gateways: GatewayProcesses, root: Path, secret: str = SECRET) -> GatewayProcess:
-    return gateways.start(
-        "run",
-        "--instances",
-        root / "instances",
-        "--config",
-        root / "gateway.toml",
-        cwd=root,
-        env=loopback_env({"FEISHU_APP_SECRET": secret}),
-    )
+    return gateways.run_folder(root, {"FEISHU_APP_SECRET": secret})
 
 
 async def connected(emu: FeishuEmulator, gateway: GatewayProcess, opens: int = 1) -> None:

@@ -22,18 +22,25 @@ from typing import Any
 
 import pytest
 
-from gateway.config import ProcessSettings, load_instance
+from gateway.config import load_instance
 from gateway.errors import ConfigError, SendRejected
 from gateway.logs import redact
 from gateway.models import Incoming, Outgoing
 from gateway.plugins import PluginRegistry
-from gateway.runtime import Gateway, InstanceRuntime
+from gateway.runtime import Gateway
 from gateway.store.inbox import InboxEntry
 from gateway.supervisor import InstanceState
 from gateway_feishu._cardstore import CardRecord, CardStore
 from gateway_feishu._replies import send_uuid
 from gateway_feishu.emulator import CardState, Delivery, FeishuEmulator, SentMessage
 from gateway_testkit.feishu import ERROR_MARK, feishu_settings, message_text
+from gateway_testkit.inprocess import (
+    Start,
+    instance_starter,
+    running_gateway,
+    slow_store,
+    wait_connected,
+)
 from gateway_testkit.process import free_port
 
 # The SOCKS5 proxy (pproxy) helpers of the DingTalk tests; they belong in the testkit.
@@ -47,7 +54,6 @@ CARDS = "/open-apis/cardkit/v1/cards"
 REPLY = "/open-apis/im/v1/messages/"
 
 Factory = Callable[..., Awaitable[FeishuEmulator]]
-Start = Callable[..., Awaitable[InstanceRuntime]]
 
 
 # -- fixtures ------------------------------------------------------------------------------------
@@ -67,50 +73,17 @@ async def emu(app: str, feishu_emulator_factory: Factory) -> FeishuEmulator:
 @pytest.fixture
 async def gateway(tmp_path: Path, emu: FeishuEmulator) -> AsyncIterator[Gateway]:
     # Depends on ``emu``: the gateway is closed first, while the emulator still answers.
-    gw = await Gateway.open(ProcessSettings(state_dir=str(tmp_path / "state"), shutdown_grace=1.0))
-    yield gw
-    await gw.close(grace=0.2)
+    async with running_gateway(tmp_path / "state") as gw:
+        yield gw
 
 
 @pytest.fixture
 def start(gateway: Gateway, emu: FeishuEmulator, app: str, tmp_path: Path) -> Start:
-    async def start(
-        *,
-        name: str = "bot",
-        settings: dict[str, Any] | None = None,
-        agent: dict[str, Any] | None = None,
-        reply: dict[str, Any] | None = None,
-        connected: bool = True,
-    ) -> InstanceRuntime:
-        data = {
-            "type": "feishu",
-            "settings": {
-                **feishu_settings(emu, app_id=app, app_secret=SECRET),
-                "thinking_text": THINKING,
-                **(settings or {}),
-            },
-            "agent": agent or {"type": "echo", "delay": 0},
-            "reply": {"update_interval": 0.05, **(reply or {})},
-            "reconnect": {"initial_delay": 0.05, "max_delay": 0.5},
-        }
-        path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps(data))
-        runtime = gateway.start(load_instance(path, REGISTRY, env={}))
-        assert runtime is not None
-        if connected:
-            await connected_state(runtime)
-        return runtime
-
-    return start
+    settings = {**feishu_settings(emu, app_id=app, app_secret=SECRET), "thinking_text": THINKING}
+    return instance_starter(gateway, tmp_path, "feishu", settings, REGISTRY)
 
 
 # -- helpers -------------------------------------------------------------------------------------
-
-
-async def connected_state(runtime: InstanceRuntime, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while runtime.status.state is not InstanceState.CONNECTED:
-            await asyncio.sleep(0.01)
 
 
 async def ask(emu: FeishuEmulator, text: str = "hi", **options: Any) -> Delivery:
@@ -616,7 +589,7 @@ async def test_a_silent_connection_is_given_up_after_frame_timeout(
         emu.stop_pongs = True  # a half-open socket: nothing comes back
         await emu.wait_until(lambda: len(emu.connection_history) >= 2, 4)
         emu.stop_pongs = False
-        await connected_state(runtime)
+        await wait_connected(runtime)
         assert emu.connection_history[0].closed_by == "client"
         assert runtime.status.reconnects >= 1
 
@@ -644,7 +617,7 @@ async def test_endpoint_refusals_are_retried_until_feishu_accepts(
         assert runtime.status.state is not InstanceState.CONNECTED
         assert "busy" in runtime.status.last_error
         emu.refuse_connections = False
-        await connected_state(runtime)
+        await wait_connected(runtime)
         sent = await ask(emu, "finally connected")
         assert answer(await final_card(emu, sent)) == "finally connected"
 
@@ -679,7 +652,7 @@ async def test_endpoint_refusals_that_need_a_fix_are_reported_as_such(
         runtime = await start(connected=False)
         await emu.wait_until(lambda: "AuthenticationError" in runtime.status.last_error, 5)
         assert "instance bot" in runtime.status.last_error and app in runtime.status.last_error
-        await connected_state(runtime)  # retried at the slow pace: fixing it recovers
+        await wait_connected(runtime)  # retried at the slow pace: fixing it recovers
 
         # 1000040350: the app's connections (50 on Feishu) are all taken elsewhere.
         emu.max_connections = 0
@@ -709,16 +682,7 @@ async def test_stop_waits_for_the_ack_of_a_message_being_stored(
     emu.ack_timeout = 0.5
     async with asyncio.timeout(10):
         runtime = await start()
-        real_deliver = runtime.deliver
-        storing = asyncio.Event()
-
-        async def slow_deliver(message: Incoming) -> bool:
-            storing.set()
-            stored = await real_deliver(message)
-            await asyncio.sleep(0.3)  # a busy disk: the commit takes its time
-            return stored
-
-        runtime.deliver = slow_deliver  # type: ignore[method-assign]
+        storing = slow_store(runtime, 0.3)
         sent = await emu.send_message("stored while stopping")
         await storing.wait()
         await gateway.stop("bot", grace=0)

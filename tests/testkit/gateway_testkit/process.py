@@ -33,6 +33,7 @@ __all__ = [
     "free_port",
     "loopback_env",
     "run_cli",
+    "write_folder",
 ]
 
 #: The command line of the ``gateway`` console script, run by the current interpreter.
@@ -206,6 +207,19 @@ class GatewayProcesses:
         self.started.append(process)
         return process
 
+    def run_folder(self, root: Path, env: Mapping[str, str | None] | None = None) -> GatewayProcess:
+        """``gateway run`` from ``root`` on the folder :func:`write_folder` made there; ``env`` is
+        set over :func:`loopback_env`'s (an instance's secret, say)."""
+        return self.start(
+            "run",
+            "--instances",
+            root / "instances",
+            "--config",
+            root / "gateway.toml",
+            cwd=root,
+            env=loopback_env(env),
+        )
+
     def close(self) -> None:
         for process in self.started:
             process.stop()
@@ -220,6 +234,53 @@ class GatewayProcesses:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def write_folder(
+    root: Path,
+    driver: str,
+    settings: Mapping[str, str | float],
+    *,
+    delay: float,
+    update_interval: float,
+    grace: float,
+    gateway_toml: str = "",
+) -> None:
+    """``root/instances/bot.toml``: ``driver`` with ``settings`` (strings may name ``${VARS}``),
+    the echo agent answering after ``delay`` s, 32 conversations at once and fast reconnects; and
+    ``root/gateway.toml``: state in ``root/state``, ``grace`` s to finish answers, then
+    ``gateway_toml``."""
+    folder = root / "instances"
+    folder.mkdir(exist_ok=True)
+    table = "\n".join(
+        f"{key} = {json.dumps(value) if isinstance(value, str) else value}"
+        for key, value in settings.items()
+    )
+    (folder / "bot.toml").write_text(
+        f"""\
+type = "{driver}"
+
+[settings]
+{table}
+
+[agent]
+type = "echo"
+delay = {delay}
+
+[reply]
+update_interval = {update_interval}
+
+[conversation]
+concurrency = 32
+
+[reconnect]
+initial_delay = 0.05
+max_delay = 0.5
+"""
+    )
+    (root / "gateway.toml").write_text(
+        f'state_dir = "state"\nshutdown_grace = {grace}\n{gateway_toml}'
+    )
 
 
 # -- echo's HTTP endpoint -------------------------------------------------------------------------
