@@ -7,10 +7,12 @@ driver; these pieces only do what every platform's client does the same way.
 
 from __future__ import annotations
 
+import abc
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import aiohttp
 
@@ -21,6 +23,7 @@ from gateway.secrets import Secret
 __all__ = [
     "TOKEN_MARGIN",
     "AccessToken",
+    "OpenApiClient",
     "OpenApiError",
     "TokenRejected",
     "exchange_json",
@@ -31,6 +34,7 @@ __all__ = [
 TOKEN_MARGIN = 300.0
 
 T = TypeVar("T")
+SettingsT = TypeVar("SettingsT")
 
 
 class OpenApiError(DriverError):
@@ -120,3 +124,36 @@ async def retried(
     return await call_with_retry(
         once, bucket=bucket, on_outcome=on_outcome, attempts=5, initial=0.5, cap=8.0
     )
+
+
+class OpenApiClient(abc.ABC, Generic[SettingsT]):
+    """One app's OpenAPI client, the parts every platform's has: its settings, the driver's
+    session (the client owns none: the driver passes the one it keeps), the app's bucket, the
+    access token and the outcome of every call.  A platform's client says how a token is fetched
+    and what its answers mean."""
+
+    def __init__(
+        self,
+        settings: SettingsT,
+        session: Callable[[], aiohttp.ClientSession],
+        bucket: TokenBucket,
+        logger: logging.LoggerAdapter[logging.Logger],
+        on_outcome: Callable[[CallOutcome], None],
+    ) -> None:
+        self._settings = settings
+        self._session = session
+        self._bucket = bucket
+        self._log = logger
+        self._on_outcome = on_outcome
+        self._token = AccessToken(self._fetch_token)
+
+    @abc.abstractmethod
+    async def _fetch_token(self) -> tuple[str, float]:
+        """Ask the platform for a token: (token, lifetime in seconds)."""
+
+    async def token(self) -> str:
+        """The app's access token, fetched once for all the callers that found it missing."""
+        return await self._token.get()
+
+    async def _retried(self, once: Callable[[], Awaitable[T]]) -> T:
+        return await retried(once, self._bucket, self._on_outcome)

@@ -9,17 +9,13 @@ second), 5xx, network errors, and an expired token (DingTalk answers it with 400
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
-
 from gateway import openapi
 from gateway.errors import AuthenticationError, RateLimited, RetryableError
-from gateway.openapi import AccessToken, TokenRejected, exchange_json, retried
-from gateway.ratelimit import CallOutcome, TokenBucket
+from gateway.openapi import OpenApiClient, TokenRejected, exchange_json
 from gateway_dingtalk.settings import DingTalkSettings
 
 __all__ = ["OpenApi", "OpenApiError"]
@@ -39,23 +35,8 @@ class OpenApiError(openapi.OpenApiError):
         )
 
 
-class OpenApi:
-    """One app's OpenAPI client.  Owns no session: the driver passes the one it keeps."""
-
-    def __init__(
-        self,
-        settings: DingTalkSettings,
-        session: Callable[[], aiohttp.ClientSession],
-        bucket: TokenBucket,
-        logger: logging.LoggerAdapter[logging.Logger],
-        on_outcome: Callable[[CallOutcome], None],
-    ) -> None:
-        self._settings = settings
-        self._session = session
-        self._bucket = bucket
-        self._log = logger
-        self._token = AccessToken(self._fetch_token)
-        self._on_outcome = on_outcome
+class OpenApi(OpenApiClient[DingTalkSettings]):
+    """One app's OpenAPI client (see :class:`gateway.openapi.OpenApiClient`)."""
 
     @property
     def base(self) -> str:
@@ -87,9 +68,6 @@ class OpenApi:
 
         await self._retrying(once)
 
-    async def token(self) -> str:
-        return await self._token.get()
-
     async def _fetch_token(self) -> tuple[str, float]:
         body = {
             "appKey": self._settings.client_id,
@@ -107,7 +85,7 @@ class OpenApi:
         return str(data["accessToken"]), float(data.get("expireIn", 7200))
 
     async def _retrying(self, once: Callable[[], Any]) -> dict[str, Any]:
-        result: dict[str, Any] = await retried(once, self._bucket, self._on_outcome)
+        result: dict[str, Any] = await self._retried(once)
         return result
 
     async def _request(

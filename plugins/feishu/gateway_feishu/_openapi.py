@@ -22,17 +22,15 @@ many components) is an :class:`OpenApiError` carrying Feishu's ``code``; retryin
 
 from __future__ import annotations
 
-import logging
+import functools
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
-
-import aiohttp
 
 from gateway import openapi
 from gateway.errors import AuthenticationError, RateLimited, RetryableError
-from gateway.openapi import AccessToken, TokenRejected, exchange_json, retried
-from gateway.ratelimit import CallOutcome, TokenBucket
+from gateway.openapi import OpenApiClient, TokenRejected, exchange_json
+from gateway.ratelimit import TokenBucket
 from gateway_feishu.settings import FeishuSettings
 
 __all__ = ["OpenApi", "OpenApiError", "api_name"]
@@ -67,25 +65,13 @@ class OpenApiError(openapi.OpenApiError):
         )
 
 
-class OpenApi:
-    """One app's OpenAPI client.  Owns no session: the driver passes the one it keeps."""
+class OpenApi(OpenApiClient[FeishuSettings]):
+    """One app's OpenAPI client (see :class:`gateway.openapi.OpenApiClient`)."""
 
-    def __init__(
-        self,
-        settings: FeishuSettings,
-        session: Callable[[], aiohttp.ClientSession],
-        bucket: TokenBucket,
-        logger: logging.LoggerAdapter[logging.Logger],
-        on_outcome: Callable[[CallOutcome], None],
-    ) -> None:
-        self._settings = settings
-        self._session = session
-        self._bucket = bucket
-        self._log = logger
-        self._on_outcome = on_outcome
-        self._token = AccessToken(self._fetch_token)
-        # Paces for the APIs Feishu announced a limit below the app's rate for (by api_name).
-        self._api_paces: dict[str, TokenBucket] = {}
+    @functools.cached_property
+    def _api_paces(self) -> dict[str, TokenBucket]:
+        """Paces for the APIs Feishu announced a limit below the app's rate for (by api_name)."""
+        return {}
 
     @property
     def base(self) -> str:
@@ -118,11 +104,7 @@ class OpenApi:
                 self._token.invalidate(token)
                 raise
 
-        return await retried(once, self._bucket, self._on_outcome)
-
-    async def token(self) -> str:
-        """The tenant access token, fetched once for all the callers that found it missing."""
-        return await self._token.get()
+        return await self._retried(once)
 
     async def _fetch_token(self) -> tuple[str, float]:
         body = {
