@@ -5,12 +5,13 @@ one failed call per reply only until the breaker opens, not for every reply fore
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
 import attrs
 
-__all__ = ["Breaker"]
+__all__ = ["Breaker", "card_failed"]
 
 
 @attrs.define
@@ -37,3 +38,31 @@ class Breaker:
         self._failures = 0
         self._until = self.clock() + self.cooldown
         return True
+
+
+def card_failed(
+    breaker: Breaker,
+    log: logging.LoggerAdapter[logging.Logger],
+    exc: Exception,
+    *,
+    reply_as: str,
+    answers_as: str,
+) -> None:
+    """A card call failed with ``exc``: log it (``card_failed``: this reply continues as
+    ``reply_as``) and count it; when it opens ``breaker``, log once that answers go out as
+    ``answers_as`` while cards rest (``cards_degraded``)."""
+    log.warning(
+        "card call failed (%s: %s); this reply continues as %s",
+        type(exc).__name__,
+        exc,
+        reply_as,
+        extra={"event": "card_failed"},
+    )
+    if breaker.failure():
+        log.warning(
+            "%d card failures in a row: answering with %s for %g s",
+            breaker.threshold,
+            answers_as,
+            breaker.cooldown,
+            extra={"event": "cards_degraded"},
+        )

@@ -22,7 +22,7 @@ import logging
 import time
 from typing import Any
 
-from gateway.breaker import Breaker
+from gateway.breaker import Breaker, card_failed
 from gateway.driver import MessageReplyChannel, ReplyChannel
 from gateway.models import ConversationKind, Incoming
 from gateway_dingtalk._openapi import OpenApi, OpenApiError, new_guid
@@ -68,19 +68,7 @@ class CardHealth:
         self._breaker.success()
 
     def failed(self, exc: Exception) -> None:
-        self._log.warning(
-            "card call failed (%s: %s); this reply continues as markdown",
-            type(exc).__name__,
-            exc,
-            extra={"event": "card_failed"},
-        )
-        if self._breaker.failure():
-            self._log.warning(
-                "%d card failures in a row: answering with markdown for %g s",
-                self._breaker.threshold,
-                self._breaker.cooldown,
-                extra={"event": "cards_degraded"},
-            )
+        card_failed(self._breaker, self._log, exc, reply_as="markdown", answers_as="markdown")
 
 
 class _Target:

@@ -32,7 +32,7 @@ from typing import Any
 
 import attrs
 
-from gateway.breaker import Breaker
+from gateway.breaker import Breaker, card_failed
 from gateway.driver import MessageReplyChannel, ReplyChannel
 from gateway.models import Incoming
 from gateway.ratelimit import TokenBucket
@@ -277,19 +277,7 @@ class CardReply(ReplyChannel):
     def _degrade(self, exc: Exception) -> None:
         tools = self._tools
         self._fallback = MessageReply(tools, self._message, self._index)
-        tools.log.warning(
-            "card call failed (%s: %s); this reply continues as a message",
-            type(exc).__name__,
-            exc,
-            extra={"event": "card_failed"},
-        )
-        if tools.breaker.failure():
-            tools.log.warning(
-                "%d card failures in a row: answering with messages for %g s",
-                tools.breaker.threshold,
-                tools.breaker.cooldown,
-                extra={"event": "cards_degraded"},
-            )
+        card_failed(tools.breaker, tools.log, exc, reply_as="a message", answers_as="messages")
 
     async def _content(self, text: str) -> None:
         await self._card_op("PUT", f"/elements/{ANSWER_ELEMENT}/content", {"content": text})
