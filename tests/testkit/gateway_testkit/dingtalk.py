@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 import uuid
 from typing import Any
@@ -11,10 +12,12 @@ from typing import Any
 from gateway.models import Incoming
 from gateway_dingtalk._payload import TOPIC_BOT, incoming_from_dingtalk
 from gateway_dingtalk.emulator import DEFAULT_APP, DEFAULT_SECRET, DingTalkEmulator, EmulatorError
-from gateway_dingtalk.emulator._payloads import new_msg_id
+from gateway_dingtalk.emulator._faults import push_raw_frame
+from gateway_dingtalk.emulator._payloads import CARD_TOPIC, new_msg_id
 from gateway_testkit.harness import (
     ApiFault,
     FaultInjection,
+    FramePush,
     ReplyRecord,
     ReplyView,
     pushed_again_if_cut,
@@ -92,6 +95,8 @@ class DingTalkHarness(FaultInjection):
     def __init__(self, **emulator_options: Any) -> None:
         options = {"templates": {TEMPLATE: TEMPLATE_VARIABLES}, **emulator_options}
         self.emulator = DingTalkEmulator(**options)
+        # Frame ids ``sample_frame`` gave out and no push has used yet.
+        self._fresh_frames: set[str] = set()
 
     async def start(self) -> None:
         await self.emulator.start()
@@ -206,6 +211,9 @@ class DingTalkHarness(FaultInjection):
     def rate_limit_rejections(self) -> int:
         return sum(self.emulator.rejections.values())
 
+    def expire_tokens(self) -> None:
+        self.emulator.expire_tokens()  # the next call with an old token: 400 InvalidAuthentication
+
     def sample_payload(
         self, text: str, *, message_id: str, sender: str = "u1", conversation: str = "c1"
     ) -> Any:
@@ -238,6 +246,59 @@ class DingTalkHarness(FaultInjection):
             return bool(ack.code == 200)
         return False
 
+    def sample_frame(self, text: str, *, message_id: str, sender: str = "u1") -> dict[str, Any]:
+        frame_id = f"raw-{uuid.uuid4().hex}"
+        self._fresh_frames.add(frame_id)
+        payload = self.sample_payload(text, message_id=message_id, sender=sender)
+        # As the Stream gateway frames a robot message (appId and connectionId, which name the
+        # connection, left out: the connection is chosen when pushing).
+        return {
+            "specVersion": "1.0",
+            "type": "CALLBACK",
+            "headers": {
+                "contentType": "application/json",
+                "messageId": frame_id,
+                "time": str(int(time.time() * 1000)),
+                "topic": TOPIC_BOT,
+            },
+            "data": json.dumps(payload),
+        }
+
+    def frame_vocabulary(self) -> tuple[Any, ...]:
+        return (
+            *("CALLBACK", "EVENT", "SYSTEM", TOPIC_BOT, CARD_TOPIC, "ping", "disconnect", "*"),
+            *("1.0", "application/json", "text/plain", "", "0", "-1", "1e400", "9" * 40),
+            *(str(2**63), 2**63, -1, 0.5, math.inf, -math.inf, math.nan),
+            *("{}", "[]", "null", '{"opaque": 1}', '{"reason": 7}'),
+        )
+
+    async def push_frame(self, frame: Any, *, wait_connection: float = 5.0) -> FramePush:
+        headers = frame.get("headers") if isinstance(frame, dict) else None
+        frame_id = headers.get("messageId") if isinstance(headers, dict) else None
+        fresh = isinstance(frame_id, str) and frame_id in self._fresh_frames
+        if isinstance(frame, bytes | str):
+            # A websocket text message is UTF-8: what is not becomes U+FFFD (or "?").
+            raw = frame if isinstance(frame, bytes) else frame.encode("utf-8", "replace")
+            text = raw.decode("utf-8", errors="replace")
+        else:
+            text = json.dumps(frame)  # ASCII escapes: lone surrogates travel as \ud83d
+        await self.emulator.wait_connected(timeout=wait_connection)
+        if fresh:
+            self._fresh_frames.discard(frame_id)
+        try:
+            record = await push_raw_frame(self.emulator, text, frame_id=frame_id if fresh else None)
+        except EmulatorError as exc:
+            if not _connection_went_away(exc):
+                raise
+            # The client closed the connection while reading it (a frame beyond its size limit).
+            return FramePush(None, None, f"{_shorten(text)} (the connection ended meanwhile)")
+        # A frame with the id the harness gave it and a type (any: the protocol answers unknown
+        # ones with 404) must be ACKed; one whose id is junk cannot be matched to its ACK, one
+        # without an object of headers cannot be ACKed at all.
+        typed = isinstance(frame, dict) and isinstance(frame.get("type"), str)
+        expects = (True if typed else None) if fresh else None if frame_id else False
+        return FramePush(expects, record, _shorten(text))
+
     def reply_record(self, message_id: str) -> ReplyRecord:
         reply_id = self.reply_id(message_id)
         cards = [
@@ -250,3 +311,7 @@ class DingTalkHarness(FaultInjection):
         messages = self.emulator.replies(message_id)
         unfinished = sum(1 for card in cards if not card.ended)
         return ReplyRecord(replies=len(cards) + len(messages), unfinished=unfinished)
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

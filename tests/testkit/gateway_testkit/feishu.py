@@ -5,9 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
+import secrets
+import struct
+import zlib
 from typing import Any
 
 from gateway.models import Incoming
+from gateway_feishu._frames import DATA, Frame
 from gateway_feishu._payload import incoming_from_feishu
 from gateway_feishu.emulator import (
     DEFAULT_APP,
@@ -18,10 +23,12 @@ from gateway_feishu.emulator import (
     FeishuEmulator,
     SentMessage,
 )
+from gateway_feishu.emulator._faults import push_raw_frame
 from gateway_feishu.emulator._payloads import new_event_id, new_message_id
 from gateway_testkit.harness import (
     ApiFault,
     FaultInjection,
+    FramePush,
     ReplyRecord,
     ReplyView,
     pushed_again_if_cut,
@@ -94,6 +101,8 @@ class FeishuHarness(FaultInjection):
         self.emulator = FeishuEmulator(**emulator_options)
         # The contract suite names messages; redelivering one needs its event.
         self._events: dict[str, str] = {}
+        # Frame ids (``message_id`` headers) ``sample_frame`` gave out and no push has used yet.
+        self._fresh_frames: set[str] = set()
 
     async def start(self) -> None:
         await self.emulator.start()
@@ -223,6 +232,9 @@ class FeishuHarness(FaultInjection):
     def rate_limit_rejections(self) -> int:
         return sum(self.emulator.rejections.values())
 
+    def expire_tokens(self) -> None:
+        self.emulator.expire_tokens()  # the next call with an old token: 99991663
+
     def sample_payload(
         self, text: str, *, message_id: str, sender: str = "u1", conversation: str = "c1"
     ) -> Any:
@@ -242,9 +254,170 @@ class FeishuHarness(FaultInjection):
             return (await self.emulator.wait_acked(pushed.event_id, timeout=timeout)).ok
         return False
 
+    def sample_frame(self, text: str, *, message_id: str, sender: str = "u1") -> dict[str, Any]:
+        frame_id = secrets.token_hex(16)
+        self._fresh_frames.add(frame_id)
+        payload = self.sample_payload(text, message_id=message_id, sender=sender)
+        # The fields of a pbbp2 DATA frame as the emulator sends an event (``service`` is the
+        # connection's, which the driver does not check), headers in wire order.
+        return {
+            "SeqID": 0,
+            "LogID": secrets.randbits(63),
+            "service": 33554678,
+            "method": DATA,
+            "headers": {
+                "type": "event",
+                "message_id": frame_id,
+                "sum": "1",
+                "seq": "0",
+                "trace_id": secrets.token_hex(8),
+            },
+            "payload": json.dumps(payload),
+        }
+
+    def frame_vocabulary(self) -> tuple[Any, ...]:
+        return (
+            *(0, 1, 2, -1, 2**31 - 1, -(2**31), 2**63, 2**64 - 1),
+            *("event", "card", "ping", "pong", "", "0", "1", "2", "-1", "64", "65"),
+            *("1.5", " 1", "9" * 40, "NaN", math.inf, 0.5, b"\xff\xfe", "{}", "null"),
+            '{"PingInterval": 0.001}',
+            '{"code": 200}',
+        )
+
+    def split_frame(self, frame: dict[str, Any], parts: int) -> list[dict[str, Any]] | None:
+        payload = str(frame["payload"]).encode()
+        size = -(-len(payload) // parts)  # ceiling: ``parts`` chunks, the last maybe shorter
+        chunks = [payload[i * size : (i + 1) * size] for i in range(parts)]
+        headers = frame["headers"]
+        return [
+            {
+                **frame,
+                "headers": {**headers, "sum": str(parts), "seq": str(seq)},
+                "payload": chunk,
+            }
+            for seq, chunk in enumerate(chunks)
+        ]
+
+    async def push_frame(self, frame: Any, *, wait_connection: float = 5.0) -> FramePush:
+        if isinstance(frame, bytes):
+            raw = frame
+        elif isinstance(frame, str):
+            raw = frame.encode("utf-8", "surrogatepass")
+        elif isinstance(frame, dict):
+            raw = encode_frame(frame)
+        else:
+            raw = json.dumps(frame).encode()  # not a protobuf at all
+        expects, frame_id = self._expected_ack(raw)
+        try:
+            record = await push_raw_frame(
+                self.emulator, raw, frame_id=frame_id, wait_connection=wait_connection
+            )
+        except EmulatorError as exc:
+            if not _connection_went_away(exc):
+                raise
+            # The client closed the connection while reading it (a frame beyond its size limit).
+            return FramePush(
+                None, None, f"{_shorten(repr(frame))} (the connection ended meanwhile)"
+            )
+        return FramePush(expects, record, _shorten(repr(frame)))
+
+    def _expected_ack(self, raw: bytes) -> tuple[bool | None, str | None]:
+        """Whether Feishu would wait for an ACK of the frame ``raw`` (see ``FramePush``), and the
+        fresh frame id an ACK would carry."""
+        try:
+            frame = Frame.from_bytes(raw)
+            ids = [value for key, value in frame.headers if key == "message_id"]
+        except Exception:
+            return False, None  # no client can read an id from it
+        fresh = len(ids) == 1 and ids[0] in self._fresh_frames
+        if not fresh or frame.method != DATA:
+            return (None if ids else False), None
+        self._fresh_frames.discard(ids[0])
+        total, seq = frame.header("sum"), frame.header("seq")
+        if total in (None, "1") and seq in (None, "0"):
+            return True, ids[0]
+        with contextlib.suppress(ValueError):
+            if int(total or "") > 1:
+                return False, ids[0]  # a part: ACKed once the payload is whole, if ever
+        return None, ids[0]
+
     def reply_record(self, message_id: str) -> ReplyRecord:
         replies = self.emulator.replies(message_id)
         cards = [self.emulator.cards[m.card_id] for m in replies if m.card_id is not None]
         return ReplyRecord(
             replies=len(replies), unfinished=sum(1 for card in cards if not card.finished)
         )
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+# -- pbbp2 frames from any field values --------------------------------------------------------------
+#
+# Written by hand rather than with the protobuf runtime, which refuses what a hostile server may
+# send: a value of the wrong wire type, a required field left out, a string that is not UTF-8.
+
+#: ``pbbp2.Frame``'s fields: name -> (number, kind); ``headers`` holds ``Header {key, value}``
+_FIELDS: dict[str, tuple[int, str]] = {
+    "SeqID": (1, "int"),
+    "LogID": (2, "int"),
+    "service": (3, "int"),
+    "method": (4, "int"),
+    "headers": (5, "headers"),
+    "payload_encoding": (6, "bytes"),
+    "payload_type": (7, "bytes"),
+    "payload": (8, "bytes"),
+    "LogIDNew": (9, "bytes"),
+}
+
+
+def encode_frame(fields: dict[str, Any]) -> bytes:
+    """A pbbp2 frame with these fields, each as the wire can carry it: an int in a number field is
+    a varint (wrapped to 64 bits), a str or bytes in a text field is its bytes (lone surrogates as
+    invalid UTF-8); any other value is junk of its own wire type in the same field (a float is a
+    fixed64, a list a run of repeated fields, a dict its JSON text), None leaves the field out
+    (a required one is then missing), and an unknown name is an unknown field."""
+    out = bytearray()
+    for name, value in fields.items():
+        unknown = 100 + zlib.crc32(name.encode("utf-8", "replace")) % 900
+        number, kind = _FIELDS.get(name, (unknown, ""))
+        if kind == "headers" and isinstance(value, dict):
+            for key, header in value.items():
+                # A list: the header repeated, once per item; None: a header without its value.
+                for item in header if isinstance(header, list) else [header]:
+                    out += _length_delimited(number, _field(1, key) + _field(2, item))
+        elif isinstance(value, list):
+            for item in value:
+                out += _field(number, item)
+        else:
+            out += _field(number, value)
+    return bytes(out)
+
+
+def _field(number: int, value: Any) -> bytes:
+    if value is None:
+        return b""
+    if isinstance(value, int):  # bools too
+        return _varint(number << 3) + _varint(int(value))
+    if isinstance(value, float):
+        return _varint(number << 3 | 1) + struct.pack("<d", value)
+    if isinstance(value, bytes):
+        return _length_delimited(number, value)
+    if isinstance(value, str):
+        return _length_delimited(number, value.encode("utf-8", "surrogatepass"))
+    return _length_delimited(number, json.dumps(value).encode())
+
+
+def _length_delimited(number: int, data: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # negative numbers as two's complement, as protobuf writes them
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)

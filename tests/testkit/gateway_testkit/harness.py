@@ -27,6 +27,7 @@ __all__ = [
     "ApiFault",
     "EchoHarness",
     "FaultInjection",
+    "FramePush",
     "PlatformHarness",
     "ReplyRecord",
     "ReplyView",
@@ -179,6 +180,26 @@ class ReplyRecord:
     unfinished: int
 
 
+@attrs.frozen
+class FramePush:
+    """One frame :meth:`FaultInjection.push_frame` pushed, and what the platform expects back."""
+
+    #: True: an ACK (the frame is whole and carries the fresh id the harness gave it); False: none
+    #: (a frame a client cannot read an id from, a part of a payload still incomplete); None:
+    #: either is fine (an id the platform would never send, a count of parts that is not a
+    #: number...), as long as nothing crashes
+    expects_ack: bool | None
+    #: the emulator's record of the push: its ``ack`` is set once the ACK frame arrives
+    record: Any = attrs.field(default=None, repr=False)
+    #: what the frame was, shortened, for failure messages
+    summary: str = ""
+
+    @property
+    def ack(self) -> Any:
+        """The ACK frame the platform received for this push (its record), or None."""
+        return getattr(self.record, "ack", None)
+
+
 class FaultInjection(PlatformHarness):
     """A platform harness whose platform (an emulator on loopback) can misbehave on request.
 
@@ -267,6 +288,13 @@ class FaultInjection(PlatformHarness):
         """How many calls :meth:`set_rate_limit`'s quota has rejected so far (faults planted with
         :meth:`fail_next_api_calls` are not counted)."""
 
+    @abc.abstractmethod
+    def expire_tokens(self) -> None:
+        """Invalidate every access token the platform issued, now, as their expiry would: every
+        API call made with one is rejected with the ``token_expired`` answer from then on, so
+        nothing lands until the gateway fetches a new token (unlike ``fail_next_api_calls``,
+        after which the old token works again)."""
+
     # -- raw input -------------------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -291,6 +319,39 @@ class FaultInjection(PlatformHarness):
 
         Returns True once the gateway positively acknowledged the frame (the platform will not
         deliver it again), False if no such ACK came within ``timeout`` seconds."""
+
+    # -- raw frames ------------------------------------------------------------------------------
+    #
+    # Frames are handled as JSON-able dicts of their fields, so that one property-based test
+    # mutates the frames of every platform alike (delete a field, replace it by junk or by a word
+    # of the protocol, add one); the harness encodes whatever comes out as well as the wire can
+    # carry it.
+
+    @abc.abstractmethod
+    def sample_frame(self, text: str, *, message_id: str, sender: str = "u1") -> dict[str, Any]:
+        """A valid frame carrying a text message (the payload :meth:`sample_payload` gives, as
+        the text the frame carries), as a dict of the frame's fields with the platform's names.
+        Its frame id is fresh: pushed unchanged, it is answered like ``send`` and ACKed."""
+
+    @abc.abstractmethod
+    def frame_vocabulary(self) -> tuple[Any, ...]:
+        """Values that mean something in this platform's frame fields (frame types, topics,
+        methods, part counts, numbers at the edge of their type...): random junk rarely hits
+        them, a mutation that puts one where another was tests the driver's logic."""
+
+    def split_frame(self, frame: dict[str, Any], parts: int) -> list[dict[str, Any]] | None:
+        """``frame`` (from :meth:`sample_frame`) as ``parts`` frames carrying one payload in
+        parts, as the platform splits big payloads; None if the platform has no such thing."""
+        return None
+
+    @abc.abstractmethod
+    async def push_frame(self, frame: Any, *, wait_connection: float = 5.0) -> FramePush:
+        """Push ``frame`` once, as is (no redelivery; an ACK is not waited for, read it later from
+        :attr:`FramePush.ack`), on a live connection (waiting up to ``wait_connection`` s):
+
+        * a dict is encoded as the platform encodes frames, each field as well as the wire can
+          carry its value (a value of the wrong type is junk of the wire's kind, not an error);
+        * ``bytes`` and ``str`` are the whole frame, as far as the transport allows."""
 
     # -- exactly-once accounting -----------------------------------------------------------------
 

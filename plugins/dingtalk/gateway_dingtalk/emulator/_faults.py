@@ -1,4 +1,5 @@
-"""Error answers and injected faults: ``fail_next`` plans and the per-app, per-API QPS window."""
+"""Error answers and injected faults: ``fail_next`` plans, the per-app, per-API QPS window, and
+raw frames (hostile input)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,25 @@ import collections
 import time
 import uuid
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import attrs
 
-__all__ = ["ApiError", "Fault", "FaultPlan", "QpsWindow", "default_error", "request_id"]
+from gateway_dingtalk.emulator._records import EmulatorError
+
+if TYPE_CHECKING:
+    from gateway_dingtalk.emulator._server import DingTalkEmulator
+    from gateway_dingtalk.emulator._stream import _Push
+
+__all__ = [
+    "ApiError",
+    "Fault",
+    "FaultPlan",
+    "QpsWindow",
+    "default_error",
+    "push_raw_frame",
+    "request_id",
+]
 
 QPS_LIMIT_CODE = "Forbidden.AccessDenied.QpsLimitForAppkeyAndApi"
 QPS_LIMIT_MESSAGE = "您的企业应用调用钉钉开放平台当前接口的所有请求都被暂时禁用了"
@@ -97,3 +113,31 @@ class QpsWindow:
             return False
         calls.append(now)
         return True
+
+
+async def push_raw_frame(
+    emulator: DingTalkEmulator, text: str, *, frame_id: str | None = None, app: str | None = None
+) -> _Push:
+    """Send ``text`` as one websocket text message, as is (any frame, JSON or not, of any size),
+    once (never redelivered), on a live connection of ``app``.  With ``frame_id``, an ack frame
+    whose ``headers.messageId`` is ``frame_id`` is this push's (``_Push.ack``, also in
+    ``emulator.acks``; give a fresh id, as acks match the first push of an id on a connection).
+    Unlike :meth:`DingTalkEmulator.push_frame`, the caller says which id an ack would carry,
+    whatever the text holds.  Hostile-input tests only: a platform never sends such frames."""
+    from gateway_dingtalk.emulator._stream import _Push  # here: _stream imports this module
+
+    stream = emulator._stream
+    app = app or emulator.default_app
+    live = stream.choose([c for c in stream.live_of(app) if not c.conn.draining])
+    if live is None:
+        raise EmulatorError(f"no live connection of {app}")
+    push = _Push(frame_id or "", live.conn.id, "RAW", "", "raw", time.monotonic())
+    if frame_id is not None:
+        stream.pushes.setdefault(frame_id, []).append(push)
+    try:
+        await live.ws.send_str(text)
+    except (ConnectionError, RuntimeError) as exc:
+        if frame_id is not None:
+            stream.pushes[frame_id].remove(push)
+        raise EmulatorError(f"connection {live.conn.id} went away: {exc}") from exc
+    return push

@@ -1,4 +1,4 @@
-"""Error answers, injected faults (``fail_next``) and the sliding-window rate limits.
+"""Error answers, injected faults (``fail_next``), the sliding-window rate limits and raw frames.
 
 Codes are Feishu's documented ones (open.feishu.cn, "通用错误码" and each API's error table):
 99991661 missing token, 99991663 invalid/expired tenant token, 99991400 frequency limit (HTTP 429
@@ -11,8 +11,14 @@ import collections
 import secrets
 import time
 from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING
 
 import attrs
+
+from gateway_feishu.emulator._records import AckRecord, EmulatorError
+
+if TYPE_CHECKING:
+    from gateway_feishu.emulator._server import FeishuEmulator
 
 __all__ = [
     "INVALID_TOKEN",
@@ -22,7 +28,9 @@ __all__ = [
     "Fault",
     "FaultPlan",
     "RateWindow",
+    "RawFramePush",
     "log_id",
+    "push_raw_frame",
 ]
 
 MISSING_TOKEN = 99991661
@@ -124,3 +132,48 @@ class RateWindow:
             return False
         calls.append(now)
         return True
+
+
+# -- raw frames (hostile input) -------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class RawFramePush:
+    """One :func:`push_raw_frame`: the ACK a client wrote back for it, if any (read it later)."""
+
+    frame_id: str | None
+    connection_id: str
+    sent_at: float
+    #: the ACK frame matched to this push (its ``message_id`` header), set when it arrives
+    ack: AckRecord | None = None
+    #: no event behind it (the long connection's pushes carry theirs here)
+    outbound: None = None
+
+
+async def push_raw_frame(
+    emulator: FeishuEmulator,
+    data: bytes,
+    *,
+    frame_id: str | None = None,
+    app: str | None = None,
+    wait_connection: float = 5.0,
+) -> RawFramePush:
+    """Send ``data`` as one websocket binary message, as is (no pbbp2 encoding: any bytes, a
+    frame with any headers, a part of a multi-part payload), once (never re-pushed), on a random
+    live connection of ``app``.  With ``frame_id``, a DATA frame written back with that
+    ``message_id`` on that connection is this push's ACK (``RawFramePush.ack``, also in
+    ``emulator.acks``) instead of an ``unknown_ack`` violation.  Hostile-input tests only: a
+    platform never sends such frames."""
+    longconn = emulator._longconn
+    live = await longconn.wait_live(app or emulator.default_app, wait_connection)
+    push = RawFramePush(frame_id, live.conn.id, time.monotonic())
+    if frame_id is not None:
+        # Shaped like the long connection's own pushes (``sent_at``, ``outbound``, ``ack``), so
+        # its ACK handling matches and records the ACK as for any frame.
+        live.pushes[frame_id] = push  # type: ignore[assignment]
+    async with live.send_lock:
+        try:
+            await live.ws.send_bytes(data)
+        except (ConnectionError, RuntimeError) as exc:
+            raise EmulatorError(f"connection {live.conn.id} went away: {exc}") from exc
+    return push
