@@ -35,7 +35,7 @@ from gateway.config import (
 )
 from gateway.config.process import HttpSettings
 from gateway.config.schema import too_deep
-from gateway.plugins import PluginRegistry
+from gateway.plugins import AGENTS, DRIVERS, PluginRegistry
 from gateway_testkit.process import run_cli
 
 REGISTRY = PluginRegistry.discover()
@@ -46,12 +46,21 @@ def names(*classes: Any) -> list[str]:
     return sorted({field.name for cls in classes for field in attrs.fields(cls)})
 
 
+def settings_keys(group: str) -> dict[str, list[str]]:
+    """Every installed plugin of ``group`` that loads -> the keys of its settings table, so a
+    driver or agent installed later is fuzzed without touching this file."""
+    return {p.name: names(p.cls.settings_class) for p in REGISTRY.all(group) if p.cls is not None}
+
+
+DRIVER_KEYS = settings_keys(DRIVERS)
+AGENT_KEYS = settings_keys(AGENTS)
+#: every driver type name, those that fail to load included (``check`` must name them too)
+DRIVER_TYPES = sorted(p.name for p in REGISTRY.all(DRIVERS))
+
 # Real key names, so documents get past "unknown key" and reach the validation of values.
 TABLE_KEYS = {
-    "settings": names(
-        REGISTRY.driver("echo").settings_class, REGISTRY.driver("dingtalk-stream").settings_class
-    ),
-    "agent": ["type", "delay", "prefix", "chunks", "then", "callable", "argv", "url", "model"],
+    "settings": sorted({key for keys in DRIVER_KEYS.values() for key in keys}),
+    "agent": sorted({"type", *(key for keys in AGENT_KEYS.values() for key in keys)}),
     "reply": names(ReplySettings),
     "conversation": names(ConversationSettings),
     "reconnect": names(ReconnectSettings),
@@ -65,10 +74,8 @@ ODD_KEY = st.text(
 )
 TEXT = st.text(st.characters(exclude_categories=()), max_size=30) | st.sampled_from(
     [
-        "echo",
-        "dingtalk-stream",
-        "scripted",
-        "python",
+        *DRIVER_TYPES,
+        *AGENT_KEYS,
         f"${{{UNSET}}}",
         f"${{{UNSET}:-0.5}}",
         "${HOME}",
@@ -98,7 +105,7 @@ def table(keys: list[str]) -> st.SearchStrategy[dict[str, Any]]:
 INSTANCE = st.fixed_dictionaries(
     {},
     optional={
-        "type": st.sampled_from(["echo", "dingtalk-stream", "no-such-driver"]) | VALUE,
+        "type": st.sampled_from([*DRIVER_TYPES, "no-such-driver"]) | VALUE,
         "enabled": st.booleans() | VALUE,
         "description": VALUE,
         **{name: table(keys) | VALUE for name, keys in TABLE_KEYS.items()},
@@ -114,6 +121,19 @@ PROCESS = st.fixed_dictionaries(
         "colour": VALUE,
     },
 )
+#: an instance of one installed driver, its settings drawn from that driver's own keys (and an
+#: agent from one agent's): past "unknown key", into each driver's own validation
+TYPED = st.sampled_from(sorted(DRIVER_KEYS)).flatmap(
+    lambda driver: st.fixed_dictionaries(
+        {"type": st.just(driver), "settings": table(DRIVER_KEYS[driver])},
+        optional={
+            "agent": st.sampled_from(sorted(AGENT_KEYS)).flatmap(
+                lambda agent: table(AGENT_KEYS[agent]).map(lambda t: {"type": agent, **t})
+            ),
+            "reply": table(TABLE_KEYS["reply"]),
+        },
+    )
+)
 #: a valid echo instance with a few tables of other keys and values over it
 NEAR_VALID = st.dictionaries(
     st.sampled_from(["reply", "conversation", "reconnect", "access", "agent"]),
@@ -123,6 +143,7 @@ NEAR_VALID = st.dictionaries(
 #: what goes in a file: a document, or something that is not one at all
 CONTENT = (
     NEAR_VALID
+    | TYPED
     | INSTANCE
     | st.text(max_size=80)
     | st.binary(max_size=40)
@@ -305,3 +326,9 @@ def test_check_as_a_subprocess_never_crashes_and_names_file_and_key(
     folder = write_folder(tmp_path, files, process)
     result = run_cli(*folder.args(), cwd=tmp_path)
     judge(folder, result.returncode, result.stdout, result.stderr)
+
+
+def test_every_installed_driver_is_fuzzed() -> None:
+    """The keys come from the registry: a driver that fails to load would silently drop out."""
+    assert {"echo", "dingtalk-stream", "feishu"} <= DRIVER_KEYS.keys(), sorted(DRIVER_KEYS)
+    assert {"client_id", "app_id"} <= set(TABLE_KEYS["settings"])
