@@ -307,12 +307,32 @@ def table(title: str, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> s
 def meta() -> dict[str, Any]:
     return {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "nproc": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "loadavg": os.getloadavg(),
     }
+
+
+def git_commit() -> str:
+    """The checkout's commit, with " dirty" when tracked files differ from it (untracked files,
+    such as the results being written, do not count); "unknown" outside a git checkout."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=BENCH, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=BENCH,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head} dirty" if status.strip() else head
 
 
 def write_json(path: Path, data: Any) -> Path:

@@ -355,30 +355,35 @@ def last_chunk_at(text: str) -> float:
         return math.nan
 
 
-async def streaming(system: System, workdir: Path, chunks: int, seconds: float) -> dict[str, Any]:
-    """One long streamed answer: what a user sees of it."""
-    async with running(system, workdir) as run:
-        emu, (app,) = run.emu, run.apps
-        sent = await push(emu, app, ["u0"], f"chunks {chunks} {seconds}")
-        await wait_answered(emu, list(sent), seconds * 3 + 30, run.child)
-        cards = cards_by_sender(emu).get("u0", [])
-    if len(cards) != 1 or final_time(cards[0]) is None:
-        return {"system": system.label, "lost": 1, "duplicated": max(0, len(cards) - 1)}
-    card = cards[0]
+def seen(card: CardState) -> dict[str, Any] | None:
+    """What the user saw of a finished streamed card: its visible changes (the thinking card,
+    each streaming update the platform accepted, the final text), the longest gap between two of
+    them and the time from the agent's last chunk to the final card; None if it never finished."""
     final = final_time(card)
-    assert final is not None
+    if final is None:
+        return None
     updates = [u for u in card.history if u.source == "streaming" and not u.is_finalize]
     visible = [card.created_at, *(u.time for u in updates), final]
     return {
-        "system": system.label,
-        "lost": 0,
-        "duplicated": 0,
         "card_updates": len(updates),
         "longest_gap_s": max(b - a for a, b in itertools.pairwise(visible)),
         "last_chunk_to_final_s": final - last_chunk_at(card.content.get("content", "")),
         "thinking_to_final_s": final - card.created_at,
         "update_times": [t - card.created_at for t in visible],
     }
+
+
+async def streaming(system: System, workdir: Path, chunks: int, seconds: float) -> dict[str, Any]:
+    """One long streamed answer: what a user sees of it."""
+    async with running(system, workdir) as run:
+        emu, (app,) = run.emu, run.apps
+        sent = await push(emu, app, ["u0"], f"chunks {chunks} {seconds}")
+        await wait_answered(emu, list(sent), seconds * 3 + 30, run.child, quiet=seconds + 10)
+        cards = cards_by_sender(emu).get("u0", [])
+    view = seen(cards[0]) if len(cards) == 1 else None
+    if view is None:
+        return {"system": system.label, "lost": 1, "duplicated": max(0, len(cards) - 1)}
+    return {"system": system.label, "lost": 0, "duplicated": 0, **view}
 
 
 async def quota(
@@ -391,7 +396,11 @@ async def quota(
         started, started_wall = time.monotonic(), time.time()
         senders = [f"u{i}" for i in range(conversations)]
         sent = await push(emu, app, senders, f"chunks {chunks} {seconds}")
-        await wait_answered(emu, senders, seconds * 12 + 60, run.child, quiet=5.0)
+        # A client may stay silent for most of an answer before its final call (the SDK baseline
+        # spends its 19 updates in the first 2 s, then nothing until the end): "no call for a
+        # while" means "gave up" only after longer than an answer takes.  (With 5 s, the first
+        # recorded run closed the emulator before any final card of the baseline.)
+        await wait_answered(emu, senders, seconds * 12 + 60, run.child, quiet=seconds + 10)
         # The active period: to the last call the client made (not the quiet wait after it).
         active = max(1e-9, emu.calls[-1].time - started)
         result = outcomes(emu, sent)
@@ -399,6 +408,7 @@ async def quota(
         seconds_active = range(int(started_wall), int(started_wall + active) + 1)
         per_second = [emu.rejections.get(s, 0) for s in seconds_active]
         card_calls = sum(c.path.startswith("/v1.0/card/") for c in emu.calls)
+        views = [v for cards in cards_by_sender(emu).values() for v in map(seen, cards) if v]
     rows = result.pop("rows")
     finals = [r["push"] + r["final"] for r in rows if not math.isnan(r["final"])]
     start = min(r["push"] for r in rows) if rows else math.nan
@@ -413,6 +423,10 @@ async def quota(
         "active_s": active,
         "rejected_per_s_mean": rejected / active,
         "rejected_per_s_peak": max(per_second, default=0),
+        # What the users saw, over the finished cards (ms): the longest time one card stood
+        # still, and the time from the agent's last chunk to the final card.
+        "longest_gap": percentiles(v["longest_gap_s"] for v in views),
+        "last_chunk_to_final": percentiles(v["last_chunk_to_final_s"] for v in views),
     }
 
 

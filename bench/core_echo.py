@@ -55,6 +55,7 @@ import aiohttp
 from _common import (
     child_env,
     cpu_seconds,
+    git_commit,
     percentiles,
     profile_summary,
     profile_written,
@@ -433,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         meta = {
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "commit": git_commit(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
             "nproc": os.cpu_count(),
             "python": platform.python_version(),

@@ -350,12 +350,18 @@ class Runner:
                 r["rejected"],
                 r["rejected_per_s_mean"],
                 r["rejected_per_s_peak"],
+                r["longest_gap"]["p50_ms"] / 1e3,
+                r["longest_gap"]["max_ms"] / 1e3,
+                r["last_chunk_to_final"]["p50_ms"],
+                r["last_chunk_to_final"]["max_ms"],
             ]
             for r in results
         ]
         text = table(
             f"quota: {s.conversations} answers of {s.chunks} chunks over {s.chunk_seconds:g} s at "
-            "once; emulator limit 20 calls/s per app and API (403 QpsLimit beyond); gateway rate 20",
+            "once; emulator limit 20 calls/s per app and API (403 QpsLimit beyond); gateway rate "
+            "20; gap: the longest a finished card stood still; last->final: from the agent's last "
+            "chunk to the final card (over the finished cards)",
             [
                 "system",
                 "completion s",
@@ -364,6 +370,10 @@ class Runner:
                 "403s",
                 "403/s mean",
                 "403/s peak",
+                "gap p50 s",
+                "gap max s",
+                "last->final p50 ms",
+                "last->final max ms",
             ],
             rows,
         )
