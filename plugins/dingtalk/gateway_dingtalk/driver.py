@@ -60,6 +60,9 @@ _OPEN_PATH = "/v1.0/gateway/connections/open"
 _USER_AGENT = "imgateway-dingtalk/0.1"
 # Card clicks must be answered within 2 s (DingTalk); recording the feedback gets most of it.
 _FEEDBACK_BUDGET = 1.5
+# What reading a hostile frame with json and the SDK's parsers raises: RecursionError for JSON
+# nested thousands deep, OverflowError for a header like ``"time": Infinity`` (the SDK int()s it).
+_UNREADABLE = (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError)
 
 
 class DingTalkDriver(Driver):
@@ -187,8 +190,7 @@ class DingTalkDriver(Driver):
             headers = frame.get("headers") or {}
             frame_id = str(headers["messageId"]) if "messageId" in headers else ""
             topic = headers.get("topic", "")
-        # RecursionError: JSON nested thousands deep, which json.loads gives up on.
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        except _UNREADABLE as exc:
             self._log.warning("ignoring a malformed frame (%s)", exc, extra={"event": "bad_frame"})
             return
         if kind == SystemMessage.TYPE:
@@ -209,8 +211,16 @@ class DingTalkDriver(Driver):
     ) -> None:
         try:
             message = SystemMessage.from_dict(frame)
-        except (ValueError, TypeError, RecursionError) as exc:
-            self._log.warning("ignoring a malformed system frame (%s)", exc)
+        except _UNREADABLE as exc:
+            self._log.warning(
+                "acknowledging an unreadable system frame %s (%s)",
+                frame_id,
+                exc,
+                extra={"event": "bad_frame"},
+            )
+            if frame_id:
+                # Echo what came, so a ping with odd data still counts as answered.
+                await self._ack(ws, frame_id, frame.get("data"))
             return
         if topic == "ping":
             await self._ack(ws, frame_id, message.data)
@@ -228,7 +238,7 @@ class DingTalkDriver(Driver):
         try:
             data = CallbackMessage.from_dict(frame).data
             message = incoming_from_dingtalk(self.context.instance, data, frame_id)
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        except _UNREADABLE as exc:
             # A payload we cannot answer: acknowledge it, a redelivery would be the same.
             self._log.warning(
                 "acknowledging an unreadable robot message (frame %s): %s: %s",
@@ -282,7 +292,7 @@ class DingTalkDriver(Driver):
                 response = self._feedback_response(rating)
             else:
                 self._log.info("card click without a known rating ignored: %s", actions)
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        except _UNREADABLE as exc:
             self._log.warning(
                 "ignoring an unreadable card callback: %s: %s", type(exc).__name__, exc
             )
