@@ -70,19 +70,23 @@ def _build_schema() -> type[Message]:
         field.LABEL_OPTIONAL,
         field.LABEL_REPEATED,
     )
+    # The schema's strings are read as bytes (the same wire type): protobuf refuses a string that
+    # is not UTF-8, both when parsing and when writing it back, and an ACK must repeat the frame's
+    # headers byte for byte, junk included.  They become str with surrogateescape, which round-trips.
+    text = field.TYPE_BYTES
     header = proto.message_type.add(name="Header")
-    header.field.add(name="key", number=1, label=required, type=field.TYPE_STRING)
-    header.field.add(name="value", number=2, label=required, type=field.TYPE_STRING)
+    header.field.add(name="key", number=1, label=required, type=text)
+    header.field.add(name="value", number=2, label=required, type=text)
     frame = proto.message_type.add(name="Frame")
     for name, number, label, kind in (
         ("SeqID", 1, required, field.TYPE_UINT64),
         ("LogID", 2, required, field.TYPE_UINT64),
         ("service", 3, required, field.TYPE_INT32),
         ("method", 4, required, field.TYPE_INT32),
-        ("payload_encoding", 6, optional, field.TYPE_STRING),
-        ("payload_type", 7, optional, field.TYPE_STRING),
+        ("payload_encoding", 6, optional, text),
+        ("payload_type", 7, optional, text),
         ("payload", 8, optional, field.TYPE_BYTES),
-        ("LogIDNew", 9, optional, field.TYPE_STRING),
+        ("LogIDNew", 9, optional, text),
     ):
         frame.field.add(name=name, number=number, label=label, type=kind)
     frame.field.add(
@@ -98,6 +102,14 @@ def _build_schema() -> type[Message]:
 
 
 _PB_FRAME: Final = _build_schema()
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _raw(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
 
 
 @attrs.frozen
@@ -126,14 +138,14 @@ class Frame:
             raise FrameError(f"not a pbbp2 frame ({len(data)} bytes)") from exc
         return cls(
             method=message.method,
-            headers=tuple((h.key, h.value) for h in message.headers),
+            headers=tuple((_text(h.key), _text(h.value)) for h in message.headers),
             payload=message.payload,
             service=message.service,
             seq_id=message.SeqID,
             log_id=message.LogID,
-            payload_encoding=message.payload_encoding,
-            payload_type=message.payload_type,
-            log_id_new=message.LogIDNew,
+            payload_encoding=_text(message.payload_encoding),
+            payload_type=_text(message.payload_type),
+            log_id_new=_text(message.LogIDNew),
         )
 
     @classmethod
@@ -192,14 +204,14 @@ class Frame:
         # proto2 optionals: only set when present, as lark-oapi leaves a ping's payload unset.
         for name, value in (
             ("payload", self.payload),
-            ("payload_encoding", self.payload_encoding),
-            ("payload_type", self.payload_type),
-            ("LogIDNew", self.log_id_new),
+            ("payload_encoding", _raw(self.payload_encoding)),
+            ("payload_type", _raw(self.payload_type)),
+            ("LogIDNew", _raw(self.log_id_new)),
         ):
             if value:
                 setattr(message, name, value)
         for key, value in self.headers:
-            message.headers.add(key=key, value=value)
+            message.headers.add(key=_raw(key), value=_raw(value))
         data: bytes = message.SerializeToString()
         return data
 
