@@ -175,8 +175,13 @@ class LoopbackServer(abc.ABC):
                 while not predicate():
                     waiter = asyncio.get_running_loop().create_future()
                     self._waiters.append(waiter)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(waiter, 0.05)
+                    # Not asyncio.wait_for: on Python 3.11 it can swallow the cancellation of the
+                    # enclosing timeout when the waiter is set in the same loop turn, and the wait
+                    # then never ends (seen: the Feishu emulator's re-push loop stalled for good).
+                    await asyncio.wait([waiter], timeout=0.05)
+                    if not waiter.done():
+                        waiter.cancel()
+                        self._waiters.remove(waiter)
         except TimeoutError:
             if not quiet:
                 raise

@@ -123,21 +123,11 @@ async def test_kill_9_with_pushes_in_flight_then_restart_answers_everything_once
     harness: FaultInjection,
     gateways: GatewayProcesses,
     tmp_path: Path,
-    request: pytest.FixtureRequest,
 ) -> None:
     """Frames pushed but never ACKed when the process dies are the platform's to deliver again:
     the restarted gateway gets them (with the answers cut short by the kill) and answers each
     once.  SIGSTOP first makes "in flight" certain: the frozen process reads nothing, so every
     frame pushed meanwhile sits unACKed on its socket when SIGKILL comes."""
-    if harness.driver_type == "feishu":
-        # Not the gateway's fault: the emulator's re-push waits with LoopbackServer._wait_for,
-        # whose asyncio.wait_for (Python 3.11) can swallow the cancellation of its own
-        # asyncio.timeout when a _notify() lands in the same loop turn; the wait then never ends
-        # and the event is never pushed again (seen in 2 runs of 3).  Awaiting the waiter with
-        # asyncio.wait(..., timeout=0.05) fixes it; drop this mark then.
-        request.applymarker(
-            pytest.mark.xfail(reason="emulator re-push can stall (gateway.emulation._wait_for)")
-        )
     harness.redeliver_unacked_after(0.5)
     prepare(harness, tmp_path)
     streaming = {f"cut-{i}": f"an answer cut short by the kill number {i}" for i in range(4)}
