@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import gc
-import json
 import logging
 import math
 import os
@@ -30,7 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
@@ -287,7 +286,6 @@ async def test_hostile_frames_are_acknowledged_logged_and_survived(
     data: st.DataObject, harness: FaultInjection, survives: Survives
 ) -> None:
     frame = data.draw(hostile_frames(harness), label="frame")
-    assume(not known_gap(harness, frame))
 
     async def push() -> list[FramePush]:
         pushed = await harness.push_frame(frame)
@@ -389,79 +387,10 @@ PLATFORM_FRAMES: dict[str, dict[str, Callable[[dict[str, Any]], Any]]] = {
 }
 
 
-def _not_utf8(value: Any) -> bool:
-    try:
-        value.decode() if isinstance(value, bytes) else str(value).encode()
-    except UnicodeError:
-        return True
-    return False
-
-
-#: Driver bugs this suite found and that are still open, by platform: frames matching one are
-#: left out of the property-based tests (``assume``), and ``KNOWN_BUGS`` below are expected to
-#: fail (strictly: once fixed they pass, pytest says so, and both entries can go).
-KNOWN_GAPS: dict[str, Callable[[Any], bool]] = {
-    "dingtalk-stream": lambda frame: _infinite_time(frame) or _unreadable_system_data(frame),
-    "feishu": lambda frame: _header_not_utf8(frame),
-}
-KNOWN_BUGS = {
-    ("dingtalk-stream", "time-infinite"),
-    ("dingtalk-stream", "ping-data-not-json"),
-    ("feishu", "header-not-utf-8"),
-    ("feishu", "id-not-utf-8"),
-}
-
-
-def _infinite_time(frame: Any) -> bool:
-    """dingtalk-stream's ``Headers.from_dict`` does ``int(time)``: OverflowError for JSON's
-    Infinity, which the driver does not catch; the handler task dies, the frame is never ACKed."""
-    headers = frame.get("headers") if isinstance(frame, dict) else None
-    return isinstance(headers, dict) and any(
-        isinstance(headers.get(key), float) and math.isinf(headers[key])
-        for key in ("time", "eventBornTime")
-    )
-
-
-def _unreadable_system_data(frame: Any) -> bool:
-    """A SYSTEM frame (a ping...) whose ``data`` is not JSON text is logged as malformed and
-    dropped without its ACK, though its id is known: the platform waits for the ACK."""
-    if not isinstance(frame, dict) or frame.get("type") != "SYSTEM" or not frame.get("data"):
-        return False
-    try:
-        json.loads(frame["data"])
-    except (TypeError, ValueError, RecursionError):
-        return True
-    return False
-
-
-def _header_not_utf8(frame: Any) -> bool:
-    """A header value that is not UTF-8 comes out of the protobuf parser as bytes, and the ACK
-    (the same frame written back) fails to encode it: UnicodeDecodeError, the frame is never
-    ACKed."""
-    headers = frame.get("headers") if isinstance(frame, dict) else None
-    return isinstance(headers, dict) and any(
-        _not_utf8(item)
-        for key, value in headers.items()
-        for item in [key, *(value if isinstance(value, list) else [value])]
-    )
-
-
-def known_gap(harness: FaultInjection, frame: Any) -> bool:
-    gap = KNOWN_GAPS.get(harness.driver_type)
-    return gap is not None and gap(frame)
-
-
 @pytest.mark.parametrize(
     ("harness", "name"),
     [
-        pytest.param(
-            platform,
-            name,
-            id=f"{platform}-{name}",
-            marks=[pytest.mark.xfail(strict=True, reason="open driver bug, see KNOWN_GAPS")]
-            if (platform, name) in KNOWN_BUGS
-            else [],
-        )
+        pytest.param(platform, name, id=f"{platform}-{name}")
         for platform, frames in sorted(PLATFORM_FRAMES.items())
         for name in frames
     ],
@@ -524,7 +453,6 @@ async def test_payloads_in_parts_are_put_together_or_dropped_never_half_answered
                 headers["message_id"] = uuid.uuid4().hex
         if not order:
             break
-    assume(not any(known_gap(harness, part) for part in order))
     whole = set(corruptions) <= {"repeat"}
     pushed: list[FramePush] = []
 
