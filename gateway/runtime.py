@@ -859,19 +859,11 @@ class Gateway:
         for (name, _), result in zip(stopping, results, strict=True):
             if isinstance(result, BaseException):
                 log.error("instance %s: stopping failed: %r", name, result)
-        failed = []
-        for name in sorted([*restarted, *started]):
-            try:
-                self.start(wanted[name], **runtime_options)
-            except Exception as exc:
-                log.exception("instance %s: starting failed", name)
-                failed.append(name)
-                status = InstanceStatus(
-                    driver=wanted[name].driver_type,
-                    state=InstanceState.FAILED,
-                    last_error=f"starting failed: {type(exc).__name__}: {exc}",
-                )
-                self._failed[name] = FailedStart(wanted[name], status)
+        failed = [
+            name
+            for name in sorted([*restarted, *started])
+            if not self._start_isolated(wanted[name], **runtime_options)
+        ]
         return ReloadResult(
             started=[n for n in started if n not in failed],
             stopped=stopped,
@@ -896,8 +888,25 @@ class Gateway:
         return sent
 
     async def start_all(self, configs: Iterable[InstanceConfig]) -> None:
+        """Start every enabled instance; one that cannot start is listed as failed (``/readyz``
+        says so) and the others run: one broken bot never keeps the rest offline."""
         for config in configs:
-            self.start(config)
+            self._start_isolated(config)
+
+    def _start_isolated(self, config: InstanceConfig, **runtime_options: object) -> bool:
+        """:meth:`start`, with a failure logged and recorded as the instance's state."""
+        try:
+            self.start(config, **runtime_options)
+        except Exception as exc:
+            logging.getLogger("gateway").exception("instance %s: starting failed", config.name)
+            status = InstanceStatus(
+                driver=config.driver_type,
+                state=InstanceState.FAILED,
+                last_error=f"starting failed: {type(exc).__name__}: {exc}",
+            )
+            self._failed[config.name] = FailedStart(config, status)
+            return False
+        return True
 
     async def close(self, grace: float | None = None) -> None:
         """Stop every instance concurrently (each drains for ``grace``), then close the stores."""

@@ -388,3 +388,32 @@ def test_status_with_an_invalid_url_says_so(tmp_path: Path, url: str) -> None:
     assert result.returncode == 2, result
     assert f"gateway: invalid URL {url!r}: expected http://HOST:PORT" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_an_instance_that_cannot_start_is_failed_and_the_others_run(
+    tmp_path: Path, gateways: GatewayProcesses
+) -> None:
+    """One broken bot at start-up does not keep the others offline: it is listed as failed
+    (``/readyz`` 503, the error in ``/v1/instances``) and the gateway serves the rest."""
+    port = free_port()
+    gateway, base = await start(
+        gateways,
+        tmp_path,
+        {"bot": echo_instance(port), "broken": memory_instance('init_error = "no such thing"')},
+    )
+
+    async def both_known() -> Any:
+        status, body, _ = await get(f"{base}/readyz")
+        states = body["instances"]
+        return (status, states) if states.get("bot") == "connected" else None
+
+    status, states = await wait_until(both_known)
+    assert status == 503 and states["broken"] == "failed", states
+    _, view, _ = await get(f"{base}/v1/instances/broken")
+    assert "no such thing" in view["last_error"], view
+    async with EchoClient(port) as client, client.post("still here", "m1") as stream:
+        events = await stream.rest()
+    assert events[-1][0] == "final", events
+    assert gateway.returncode is None
+    gateway.send(signal.SIGTERM)
+    assert await gateway.wait_exit(10) == 0, gateway.describe()
