@@ -507,6 +507,26 @@ async def test_a_system_disconnect_is_acked_and_reconnected_at_once(
         assert emu.violations == []
 
 
+async def test_a_message_being_stored_when_asked_to_reconnect_is_acked_on_its_socket(
+    start: Start, emu: DingTalkEmulator
+) -> None:
+    """After SYSTEM/disconnect the old socket still carries ACKs until DingTalk closes it: a
+    message being stored then is ACKed there, not left for DingTalk to push again."""
+    emu.ack_timeout = 0.5
+    async with asyncio.timeout(10):
+        runtime = await start()
+        [old] = emu.connections
+        storing = slow_store(runtime, 0.3)
+        sent = await emu.send_message(text="stored across a reconnect")
+        await storing.wait()
+        await emu.send_disconnect(close_after=5.0)
+        ack = await emu.wait_acked(sent.msg_id, timeout=2)
+        assert ack.connection_id == old.id
+        await ended_card(emu, sent)
+        await asyncio.sleep(0.8)  # longer than the ack timeout: no redelivery
+        assert emu.deliveries(sent.msg_id) == 1
+
+
 async def test_no_frame_for_frame_timeout_means_a_dead_socket(
     start: Start, emu: DingTalkEmulator
 ) -> None:

@@ -127,6 +127,10 @@ class DingTalkDriver(Driver):
             await self._read_frames(ws)
         finally:
             self._ws = None
+            if not ws.closed:
+                # Asked to reconnect: the socket still carries ACKs for a moment (DingTalk closes
+                # it 10 s later), so the messages being stored are ACKed on it, not pushed again.
+                await self._frame_tasks.drain()
             await ws.close()
             await self._frame_tasks.cancel()
 
