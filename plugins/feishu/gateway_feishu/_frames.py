@@ -202,14 +202,14 @@ class Frame:
             method=self.method,
         )
         # proto2 optionals: only set when present, as lark-oapi leaves a ping's payload unset.
-        for name, value in (
+        for name, raw in (
             ("payload", self.payload),
             ("payload_encoding", _raw(self.payload_encoding)),
             ("payload_type", _raw(self.payload_type)),
             ("LogIDNew", _raw(self.log_id_new)),
         ):
-            if value:
-                setattr(message, name, value)
+            if raw:
+                setattr(message, name, raw)
         for key, value in self.headers:
             message.headers.add(key=_raw(key), value=_raw(value))
         data: bytes = message.SerializeToString()
