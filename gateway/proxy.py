@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
+import urllib.parse
+
 import aiohttp
 
-__all__ = ["PROXY_SCHEMES", "ProxiedSession", "check_proxy_url", "proxied_session"]
+from gateway.secrets import Secret
+
+__all__ = ["PROXY_SCHEMES", "ProxiedSession", "check_proxy_url", "proxied_session", "proxy_repr"]
 
 PROXY_SCHEMES = ("socks5://", "socks4://", "http://")
 
 
 def check_proxy_url(proxy: str) -> None:
-    """``ValueError`` unless ``proxy`` is empty (no proxy) or one of :data:`PROXY_SCHEMES`."""
+    """``ValueError`` unless ``proxy`` is empty (no proxy) or one of :data:`PROXY_SCHEMES`.
+
+    A password in the URL (``socks5://user:password@host:port``) becomes a known secret, so an
+    error that quotes the URL (aiohttp-socks' do) is masked in the logs like the app's secret."""
     if proxy and not proxy.startswith(PROXY_SCHEMES):
         raise ValueError("proxy must start with socks5://, socks4:// or http://")
+    password = urllib.parse.urlsplit(proxy).password
+    if password:
+        Secret(urllib.parse.unquote(password))
+        Secret(password)  # as written, percent-escapes and all
+
+
+def proxy_repr(proxy: str) -> str:
+    """``repr(proxy)`` with the password shown as ``***``: settings print their proxy."""
+    parts = urllib.parse.urlsplit(proxy)
+    if parts.password is None:
+        return repr(proxy)
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return repr(urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}")))
 
 
 def proxied_session(proxy: str, user_agent: str) -> aiohttp.ClientSession:

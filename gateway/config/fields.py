@@ -11,6 +11,8 @@ from typing import Any
 
 import attrs
 
+from gateway.proxy import proxy_repr
+
 __all__ = [
     "degrade_after_field",
     "degrade_for_field",
@@ -39,6 +41,7 @@ def proxy_field() -> Any:
     """``proxy``: checked with :func:`gateway.proxy.check_proxy_url` in ``__attrs_post_init__``."""
     return attrs.field(
         default="",
+        repr=proxy_repr,  # a password in the URL never shows
         metadata={"help": "socks5://, socks4:// or http:// proxy for the websocket and HTTP calls"},
     )
 
