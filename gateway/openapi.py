@@ -1,5 +1,5 @@
 """Building blocks of a driver's OpenAPI client: the app's access token, one JSON exchange, the
-retry schedule, and the error for what the platform refuses for good.
+retry schedule (:class:`OpenApiClient`), and the error for what the platform refuses for good.
 
 What a platform's answers mean (which codes are transient, which mean a bad token) stays in the
 driver; these pieces only do what every platform's client does the same way.
@@ -27,7 +27,6 @@ __all__ = [
     "OpenApiError",
     "TokenRejected",
     "exchange_json",
-    "retried",
 ]
 
 #: Refresh this long before the platform's expiry, so a token never expires mid-call.
@@ -114,18 +113,6 @@ async def exchange_json(
         raise RetryableError(f"{label} unreachable: {type(exc).__name__}: {exc}") from exc
 
 
-async def retried(
-    once: Callable[[], Awaitable[T]],
-    bucket: TokenBucket,
-    on_outcome: Callable[[CallOutcome], None],
-) -> T:
-    """``once()`` through the app's bucket, retried on what is transient: 5 attempts, backoff from
-    0.5 s capped at 8 s (a platform's rate window is a second or a minute), each outcome reported."""
-    return await call_with_retry(
-        once, bucket=bucket, on_outcome=on_outcome, attempts=5, initial=0.5, cap=8.0
-    )
-
-
 class OpenApiClient(abc.ABC, Generic[SettingsT]):
     """One app's OpenAPI client, the parts every platform's has: its settings, the driver's
     session (the client owns none: the driver passes the one it keeps), the app's bucket, the
@@ -156,4 +143,9 @@ class OpenApiClient(abc.ABC, Generic[SettingsT]):
         return await self._token.get()
 
     async def _retried(self, once: Callable[[], Awaitable[T]]) -> T:
-        return await retried(once, self._bucket, self._on_outcome)
+        """``once()`` through the app's bucket, retried on what is transient: 5 attempts, backoff
+        from 0.5 s capped at 8 s (a platform's rate window is a second or a minute), each outcome
+        reported."""
+        return await call_with_retry(
+            once, bucket=self._bucket, on_outcome=self._on_outcome, attempts=5, initial=0.5, cap=8.0
+        )

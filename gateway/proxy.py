@@ -8,7 +8,7 @@ import aiohttp
 
 from gateway.secrets import Secret
 
-__all__ = ["PROXY_SCHEMES", "ProxiedSession", "check_proxy_url", "proxied_session", "proxy_repr"]
+__all__ = ["PROXY_SCHEMES", "ProxiedSession", "check_proxy_url", "proxy_repr"]
 
 PROXY_SCHEMES = ("socks5://", "socks4://", "http://")
 
@@ -36,22 +36,6 @@ def proxy_repr(proxy: str) -> str:
     return repr(urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}")))
 
 
-def proxied_session(proxy: str, user_agent: str) -> aiohttp.ClientSession:
-    """A session for a driver's OpenAPI calls and its websocket, through ``proxy`` (none if "").
-
-    Proxy environment variables are ignored on purpose: they apply to the whole process, and
-    each instance may need its own proxy (or none).
-    """
-    connector = None
-    if proxy:
-        # aiohttp-socks is a dependency of the drivers that have a proxy setting, not of the
-        # core: imported only when a proxy is configured.
-        from aiohttp_socks import ProxyConnector
-
-        connector = ProxyConnector.from_url(proxy)
-    return aiohttp.ClientSession(connector=connector, headers={"User-Agent": user_agent})
-
-
 class ProxiedSession:
     """A driver's one HTTP session (its OpenAPI calls and its websocket), through its proxy:
     ``session()`` makes it on first use, and again after :meth:`close` (a driver serves again
@@ -63,8 +47,19 @@ class ProxiedSession:
         self._session: aiohttp.ClientSession | None = None
 
     def __call__(self) -> aiohttp.ClientSession:
+        """The session; proxy environment variables are ignored on purpose: they apply to the
+        whole process, and each instance may need its own proxy (or none)."""
         if self._session is None or self._session.closed:
-            self._session = proxied_session(self._proxy, self._user_agent)
+            connector = None
+            if self._proxy:
+                # aiohttp-socks is a dependency of the drivers that have a proxy setting, not of
+                # the core: imported only when a proxy is configured.
+                from aiohttp_socks import ProxyConnector
+
+                connector = ProxyConnector.from_url(self._proxy)
+            self._session = aiohttp.ClientSession(
+                connector=connector, headers={"User-Agent": self._user_agent}
+            )
         return self._session
 
     async def close(self) -> None:
