@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,13 +33,6 @@ SECRET = "hunter2-very-secret"
 OTHER_SECRET = "correct-horse-battery-staple"
 TEN_WORDS = "one two three four five six seven eight nine ten"
 EIGHT_WORDS = "alpha bravo charlie delta echo foxtrot golf hotel"
-
-
-@pytest.fixture
-def gateways(tmp_path: Path) -> Iterator[GatewayProcesses]:
-    """Starts ``gateway`` processes; kills every one still running at teardown."""
-    with GatewayProcesses(tmp_path) as processes:
-        yield processes
 
 
 def echo_instance(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +29,6 @@ AGENT_SECRET = "agent-prefix-secret-5be8e21a"
 MESSAGES = {"log-m1": "hello json logs", "log-m2": "second message here", "log-m3": "and a third"}
 FIELDS = ("time", "level", "instance", "logger", "message")
 LEVELS = {"debug", "info", "warning", "error", "critical"}
-
-
-@pytest.fixture
-def gateways(tmp_path: Path) -> Iterator[GatewayProcesses]:
-    """Starts ``gateway`` processes; kills every one still running at teardown."""
-    with GatewayProcesses(tmp_path) as processes:
-        yield processes
 
 
 def setup_folder(root: Path, port: int) -> None:

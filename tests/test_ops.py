@@ -8,7 +8,6 @@ import contextlib
 import signal
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +30,6 @@ from gateway_testkit.process import (
 def memory_instance(settings: str = "") -> str:
     """An instance of the test kit's in-memory driver (connects at once; see its test seams)."""
     return f'type = "memory"\n\n[settings]\n{settings}\n\n[agent]\ntype = "echo"\n'
-
-
-@pytest.fixture
-def gateways(tmp_path: Path) -> Iterator[GatewayProcesses]:
-    with GatewayProcesses(tmp_path) as processes:
-        yield processes
 
 
 async def get(url: str) -> tuple[int, Any, str]:

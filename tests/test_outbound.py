@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 from test_cli import echo_instance, setup_folder, start_gateway
 from test_ops import get, memory_instance, samples
 
@@ -24,12 +22,6 @@ from gateway_testkit.process import (
 )
 
 TOKEN = "outbound-token-5d1c9f0e7a"
-
-
-@pytest.fixture
-def gateways(tmp_path: Path) -> Iterator[GatewayProcesses]:
-    with GatewayProcesses(tmp_path) as processes:
-        yield processes
 
 
 async def post(

@@ -12,7 +12,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -32,12 +32,6 @@ from gateway_testkit.process import (
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def gateways(tmp_path: Path) -> Iterator[GatewayProcesses]:
-    with GatewayProcesses(tmp_path) as processes:
-        yield processes
 
 
 def prefixed(port: int, prefix: str) -> str:

@@ -11,7 +11,7 @@ import json
 import re
 import signal
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -26,12 +26,6 @@ LATE = 4  # sent after the kill, while no gateway is connected
 IN_FLIGHT = 8  # pushed to a frozen gateway: on its socket, never ACKed before the kill
 #: Eleven words at 0.2 s each: every answer is still streaming when the process is killed.
 SLOW = {"type": "echo", "delay": 0.2}
-
-
-@pytest.fixture
-def gateways(tmp_path: Path) -> Iterator[GatewayProcesses]:
-    with GatewayProcesses(tmp_path) as processes:
-        yield processes
 
 
 def prepare(harness: FaultInjection, root: Path) -> None:
