@@ -202,15 +202,20 @@ class InstanceRuntime:
         started for at most ``_ACK_FIRST`` seconds, so a burst is acknowledged before the answers'
         platform calls compete with it for the event loop.  Never raises (``_admit`` does not)."""
         while self._admissions:
-            if self._delivering:
-                self._delivered.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(_ACK_FIRST):
-                        await self._delivered.wait()
+            await self._deliveries_done(_ACK_FIRST)
             for done in range(len(self._admissions)):
                 if done and not done % _ADMIT_CHUNK:
                     await asyncio.sleep(0)  # a big backlog does not hold the loop in one step
                 await self._admit(self._admissions.popleft())
+
+    async def _deliveries_done(self, timeout: float) -> None:
+        """Until no deliver() waits for its inbox commit any more, or ``timeout`` seconds."""
+        if not self._delivering:
+            return
+        self._delivered.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._delivered.wait()
 
     async def feedback(self, event: FeedbackEvent) -> None:
         # Platforms report a click on a reply; some name the message, some only the reply.
@@ -282,12 +287,8 @@ class InstanceRuntime:
         self._accepting = False
         self.status.state = InstanceState.STOPPING
         self._stop_reason = reason
-        if self._delivering:
-            # Commits already under way: their messages are ACKed, so take them in now.
-            self._delivered.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_FINALISE_TIMEOUT):
-                    await self._delivered.wait()
+        # Commits already under way: their messages are ACKed, so take them in now.
+        await self._deliveries_done(_FINALISE_TIMEOUT)
         if self._admitter is not None:
             await self._admitter  # stored messages become turns (or stay queued) like the others
         self._admission_closed = True
