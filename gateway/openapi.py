@@ -142,6 +142,16 @@ class OpenApiClient(abc.ABC, Generic[SettingsT]):
         """The app's access token, fetched once for all the callers that found it missing."""
         return await self._token.get()
 
+    async def _authorized(self, attempt: Callable[[str], Awaitable[T]]) -> T:
+        """``attempt(token)`` with the app's access token; when it raises :class:`TokenRejected`,
+        that token is dropped (unless renewed meanwhile) before the error goes on to the retry."""
+        token = await self.token()
+        try:
+            return await attempt(token)
+        except TokenRejected:
+            self._token.invalidate(token)
+            raise
+
     async def _retried(self, once: Callable[[], Awaitable[T]]) -> T:
         """``once()`` through the app's bucket, retried on what is transient: 5 attempts, backoff
         from 0.5 s capped at 8 s (a platform's rate window is a second or a minute), each outcome

@@ -45,10 +45,12 @@ class OpenApi(OpenApiClient[DingTalkSettings]):
     async def call(self, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """An authenticated OpenAPI call, retried when transient; returns the JSON body."""
 
-        async def once() -> dict[str, Any]:
-            token = await self.token()
+        async def attempt(token: str) -> dict[str, Any]:
             headers = {"x-acs-dingtalk-access-token": token}
-            return await self._request(method, self.base + path, body, headers, token=token)
+            return await self._request(method, self.base + path, body, headers, authorized=True)
+
+        async def once() -> dict[str, Any]:
+            return await self._authorized(attempt)
 
         return await self._retrying(once)
 
@@ -89,8 +91,16 @@ class OpenApi(OpenApiClient[DingTalkSettings]):
         return result
 
     async def _request(
-        self, method: str, url: str, body: dict[str, Any], headers: dict[str, str], token: str = ""
+        self,
+        method: str,
+        url: str,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        *,
+        authorized: bool = False,
     ) -> dict[str, Any]:
+        """One exchange judged by DingTalk's answer.  With ``authorized`` (the headers carry the
+        access token), a refused token raises :class:`TokenRejected`."""
         path = url.split("?", 1)[0].removeprefix(self.base)
         status, data = await self.exchange(method, url, body, headers)
         if not isinstance(data, dict):
@@ -101,8 +111,7 @@ class OpenApi(OpenApiClient[DingTalkSettings]):
         code = str(data.get("code", ""))
         message = str(data.get("message", ""))
         if (status == 400 and code == "InvalidAuthentication") or status == 401:
-            if token:
-                self._token.invalidate(token)
+            if authorized:
                 raise TokenRejected(f"DingTalk {path}: token rejected ({code or status})")
         if (status == 403 and "Limit" in code) or status == 429:
             raise RateLimited(f"DingTalk {path}: {code or status}", retry_after=1.0)

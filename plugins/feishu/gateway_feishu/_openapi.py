@@ -92,17 +92,15 @@ class OpenApi(OpenApiClient[FeishuSettings]):
 
         api = api_name(method, path)
 
+        async def attempt(token: str) -> dict[str, Any]:
+            headers = {"Authorization": f"Bearer {token}"}
+            return await self._request(method, path, body, headers, params, api)
+
         async def once() -> dict[str, Any]:
             pace = self._api_paces.get(api)
             if pace is not None:
                 await pace.acquire()
-            token = await self.token()
-            headers = {"Authorization": f"Bearer {token}"}
-            try:
-                return await self._request(method, path, body, headers, params, api)
-            except TokenRejected:
-                self._token.invalidate(token)
-                raise
+            return await self._authorized(attempt)
 
         return await self._retried(once)
 
