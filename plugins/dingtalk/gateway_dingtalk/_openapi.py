@@ -10,7 +10,6 @@ second), 5xx, network errors, and an expired token (DingTalk answers it with 400
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 from gateway import openapi
@@ -52,7 +51,7 @@ class OpenApi(OpenApiClient[DingTalkSettings]):
         async def once() -> dict[str, Any]:
             return await self._authorized(attempt)
 
-        return await self._retrying(once)
+        return await self._retried(once)
 
     async def post_webhook(self, url: str, body: dict[str, Any]) -> None:
         """A message through a session webhook (no token; errors come as ``errcode`` with HTTP 200)."""
@@ -68,7 +67,7 @@ class OpenApi(OpenApiClient[DingTalkSettings]):
                 raise OpenApiError("sessionWebhook", 200, str(errcode), str(data.get("errmsg", "")))
             return data
 
-        await self._retrying(once)
+        await self._retried(once)
 
     async def _fetch_token(self) -> tuple[str, float]:
         body = {
@@ -85,10 +84,6 @@ class OpenApi(OpenApiClient[DingTalkSettings]):
                 ) from None
             raise
         return str(data["accessToken"]), float(data.get("expireIn", 7200))
-
-    async def _retrying(self, once: Callable[[], Any]) -> dict[str, Any]:
-        result: dict[str, Any] = await self._retried(once)
-        return result
 
     async def _request(
         self,
