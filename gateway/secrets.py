@@ -15,9 +15,10 @@ it knows in every log line.  The old ones have expired by then.
 from __future__ import annotations
 
 import threading
+import urllib.parse
 from typing import Any, ClassVar
 
-__all__ = ["SHORT_LIVED_KEPT", "Secret", "known_secret_values"]
+__all__ = ["SHORT_LIVED_KEPT", "Secret", "known_secret_values", "url_secret"]
 
 _MASK = "***"
 #: How many short-lived secrets the redactor remembers (the most recent ones).
@@ -73,6 +74,16 @@ class Secret:
     def __reduce__(self) -> str | tuple[Any, ...]:
         # Pickling would write the value somewhere unintended; nothing in the gateway needs it.
         raise TypeError("Secret values cannot be pickled")
+
+
+def url_secret(value: str) -> str:
+    """Register a credential that goes into a URL (a connection ticket) as short-lived, both as it
+    is and URL-encoded (``quote_plus``: a library's error may quote the URL), and return the
+    encoded form to put in the URL."""
+    encoded = urllib.parse.quote_plus(value)
+    Secret(value, short_lived=True)
+    Secret(encoded, short_lived=True)
+    return encoded
 
 
 def known_secret_values() -> frozenset[str]:

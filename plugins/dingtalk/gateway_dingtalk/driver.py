@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.parse
 from typing import Any
 
 import aiohttp
@@ -40,7 +39,7 @@ from gateway.errors import (
 from gateway.models import FeedbackEvent, Incoming, Outgoing, TargetKind
 from gateway.proxy import ProxiedSession
 from gateway.ratelimit import rate_limits
-from gateway.secrets import Secret
+from gateway.secrets import url_secret
 from gateway.websocket import FrameTasks, messages
 from gateway_dingtalk._openapi import OpenApi, OpenApiError
 from gateway_dingtalk._payload import TOPIC_BOT, incoming_from_dingtalk, resolve_attachments
@@ -107,11 +106,9 @@ class DingTalkDriver(Driver):
     async def serve(self) -> None:
         self._closing = False
         endpoint, ticket = await self._open_connection()
-        url = f"{endpoint}?ticket={urllib.parse.quote_plus(ticket)}"
         # The ticket opens a connection for the app: masked in logs like the client secret (an
         # error from aiohttp may name the URL).
-        Secret(ticket, short_lived=True)
-        Secret(urllib.parse.quote_plus(ticket), short_lived=True)
+        url = f"{endpoint}?ticket={url_secret(ticket)}"
         try:
             # heartbeat: websocket pings every 20 s, so a half-open TCP connection is noticed.
             ws = await self._session().ws_connect(

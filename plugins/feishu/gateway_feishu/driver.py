@@ -50,7 +50,7 @@ from gateway.errors import (
 from gateway.models import Incoming, Outgoing, TargetKind
 from gateway.proxy import ProxiedSession
 from gateway.ratelimit import rate_limits
-from gateway.secrets import Secret
+from gateway.secrets import url_secret
 from gateway.websocket import FrameTasks, messages
 from gateway_feishu._cardstore import CardStore
 from gateway_feishu._frames import CONTROL, DATA, Frame, FrameError
@@ -487,13 +487,11 @@ class _Parts:
 
 
 def _mask_credentials(query: Mapping[str, list[str]]) -> None:
-    """Register the credentials in the websocket URL with the log redactor (see ``Secret``)."""
+    """Register the credentials in the websocket URL with the log redactor (see ``url_secret``)."""
     for name, values in query.items():
         if any(word in name.lower() for word in _CREDENTIAL_PARAM):
             for value in values:
-                Secret(value, short_lived=True)
-                # The URL may show it percent-encoded.
-                Secret(urllib.parse.quote_plus(value), short_lived=True)
+                url_secret(value)  # the URL may show it percent-encoded
 
 
 def _ping_interval(config: Any, default: float) -> float:
