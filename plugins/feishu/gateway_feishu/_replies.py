@@ -202,11 +202,15 @@ class CardReply(ReplyChannel):
                 if buttons:
                     await self._buttons(text)
                 return
+        await self._replace(text, buttons=buttons)
+
+    async def _replace(self, text: str, *, buttons: bool) -> None:
+        """One full update of the card: the final text, with ``buttons`` the feedback buttons."""
         await self._card_op("PUT", "", {"card": _card(self._final(text, buttons=buttons))})
 
     async def _buttons(self, text: str) -> None:
         try:
-            await self._card_op("PUT", "", {"card": _card(self._final(text, buttons=True))})
+            await self._replace(text, buttons=True)
         except Exception as exc:
             # The answer is final already; only the buttons are missing.
             self._tools.log.warning(
@@ -309,25 +313,28 @@ class CardReply(ReplyChannel):
 
     def _final(self, text: str, *, buttons: bool) -> dict[str, Any]:
         s = self._tools.settings
-        elements = [
-            {
-                "tag": "button",
-                "element_id": f"feedback_{i}",
-                "type": "default",
-                "size": "small",
-                "text": {"tag": "plain_text", "content": label},
-                "behaviors": [
-                    {
-                        "type": "callback",
-                        "value": {"reply_id": self._message.reply_id, "rating": value},
-                    }
-                ],
-            }
-            for i, (label, value) in enumerate(
-                zip(s.feedback_labels, s.feedback_values, strict=True)
-            )
+        elements = (
+            [
+                {
+                    "tag": "button",
+                    "element_id": f"feedback_{i}",
+                    "type": "default",
+                    "size": "small",
+                    "text": {"tag": "plain_text", "content": label},
+                    "behaviors": [
+                        {
+                            "type": "callback",
+                            "value": {"reply_id": self._message.reply_id, "rating": value},
+                        }
+                    ],
+                }
+                for i, (label, value) in enumerate(
+                    zip(s.feedback_labels, s.feedback_values, strict=True)
+                )
+            ]
             if buttons
-        ]
+            else []
+        )
         return {
             "schema": "2.0",
             "config": {"streaming_mode": False, "summary": {"content": _summary(text)}},
