@@ -42,7 +42,6 @@ import asyncio
 import json
 import math
 import os
-import platform
 import signal
 import statistics
 import sys
@@ -55,7 +54,7 @@ import aiohttp
 from _common import (
     child_env,
     cpu_seconds,
-    git_commit,
+    meta,
     percentiles,
     profile_summary,
     profile_written,
@@ -432,17 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = median_of(runs)
     print_report(summary, runs)
     if args.json:
-        meta = {
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "commit": git_commit(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-            "nproc": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "loadavg_after": os.getloadavg(),
-        }
+        info = meta()
+        info["loadavg_after"] = info.pop("loadavg")  # taken after the runs; stays the last key
         args.json.write_text(
-            json.dumps({"meta": meta, "median": summary, "runs": runs}, indent=2) + "\n"
+            json.dumps({"meta": info, "median": summary, "runs": runs}, indent=2) + "\n"
         )
         print(f"\nwrote {args.json}")
     return 0
