@@ -9,12 +9,37 @@ from collections.abc import Awaitable, Callable, Iterable
 from gateway.runtime import InstanceRuntime
 from gateway_testkit.harness import FaultInjection, ReplyRecord, ReplyView
 
-__all__ = ["ONCE", "Start", "assert_answered_once", "wait_all_ended", "wait_connected"]
+__all__ = [
+    "ONCE",
+    "Start",
+    "all_streaming",
+    "assert_answered_once",
+    "send_all",
+    "wait_all_ended",
+    "wait_connected",
+]
 
 Start = Callable[..., Awaitable[InstanceRuntime]]
 
 #: one reply, finished: what the user must see for every short message
 ONCE = ReplyRecord(replies=1, unfinished=0)
+
+
+async def send_all(harness: FaultInjection, texts: dict[str, str], sender: str = "user") -> None:
+    """Send every message of ``texts`` (id -> text) at once, each from its own user (``sender``
+    followed by its index); return once all are acknowledged."""
+    await asyncio.gather(
+        *(
+            harness.send(text, sender=f"{sender}{i}", message_id=message_id)
+            for i, (message_id, text) in enumerate(texts.items())
+        )
+    )
+
+
+async def all_streaming(harness: FaultInjection, message_ids: Iterable[str]) -> None:
+    """Wait until every reply of ``message_ids`` is streaming at the same time."""
+    while not all([(await harness.reply(m)).state == "streaming" for m in message_ids]):
+        await asyncio.sleep(0.02)
 
 
 async def wait_connected(harness: FaultInjection, timeout: float = 10.0) -> float:

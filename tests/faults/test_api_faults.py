@@ -14,7 +14,7 @@ import pytest
 
 from gateway_testkit.harness import API_FAULTS, ApiFault, FaultInjection
 
-from ._support import Start, assert_answered_once
+from ._support import Start, assert_answered_once, send_all
 
 STREAMING = {"type": "echo", "delay": 0.05}  # a few visible updates per answer: more API calls
 QUOTA = 5.0  # the platform's reply API calls per second and app (DingTalk: per API, too)
@@ -24,15 +24,6 @@ QUOTA = 5.0  # the platform's reply API calls per second and app (DingTalk: per 
 # machine it could pass under the quota, and the test then proved nothing.)
 TIGHT_QUOTA = 2.0
 TIGHT_MESSAGES = 12
-
-
-async def ask_all(harness: FaultInjection, texts: dict[str, str]) -> None:
-    await asyncio.gather(
-        *(
-            harness.send(text, sender=f"user{i}", message_id=message_id)
-            for i, (message_id, text) in enumerate(texts.items())
-        )
-    )
 
 
 @pytest.mark.parametrize("fault", API_FAULTS)
@@ -46,7 +37,7 @@ async def test_failing_reply_calls_are_retried_until_every_reply_lands(
         if fault == "token_expired":
             harness.expire_tokens()  # and the old token is really gone, not just refused once
         texts = {f"{fault}-{i}": f"answer {i} despite {fault} errors" for i in range(5)}
-        await ask_all(harness, texts)
+        await send_all(harness, texts)
         await assert_answered_once(harness, texts, timeout=30)
 
 
@@ -58,11 +49,11 @@ async def test_tokens_expiring_while_replies_stream_are_renewed(
     async with asyncio.timeout(40):
         await start(STREAMING)
         first = {"renew-first": "answered with the first token"}
-        await ask_all(harness, first)
+        await send_all(harness, first)
         await assert_answered_once(harness, first)  # the gateway holds a token now
         harness.expire_tokens()
         texts = {f"renew-{i}": f"answer {i} with a new token and then another" for i in range(5)}
-        asking = asyncio.create_task(ask_all(harness, texts))
+        asking = asyncio.create_task(send_all(harness, texts))
         # Mid-stream: each answer streams for about half a second (nine words, 0.05 s each).
         await asyncio.sleep(0.3)
         harness.expire_tokens()
@@ -77,7 +68,7 @@ async def test_slow_api_answers_delay_replies_but_lose_none(
         await start(STREAMING)
         harness.set_api_latency(0.4)
         texts = {f"slow-{i}": f"answered over a slow API {i}" for i in range(8)}
-        await ask_all(harness, texts)
+        await send_all(harness, texts)
         await assert_answered_once(harness, texts, timeout=30)
 
 
@@ -102,7 +93,7 @@ async def test_under_the_platform_rate_limit_every_reply_lands_without_a_storm(
 
         sampler = asyncio.create_task(sample())
         try:
-            await ask_all(harness, texts)
+            await send_all(harness, texts)
             await assert_answered_once(harness, texts, timeout=50)
         finally:
             sampler.cancel()
@@ -125,7 +116,7 @@ async def test_with_the_gateway_limiter_below_the_quota_nothing_is_rejected(
     async with asyncio.timeout(40):
         await start(STREAMING, settings=harness.paced_settings(0.8 * QUOTA))
         texts = {f"paced-{i}": f"slow and steady number {i}" for i in range(8)}
-        await ask_all(harness, texts)
+        await send_all(harness, texts)
         await assert_answered_once(harness, texts, timeout=30)
         assert harness.rate_limit_rejections() == 0
 

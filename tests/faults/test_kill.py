@@ -11,7 +11,6 @@ import json
 import re
 import signal
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import pytest
 from gateway_testkit.harness import FaultInjection, instance_document
 from gateway_testkit.process import GatewayProcess, GatewayProcesses
 
-from ._support import assert_answered_once, wait_connected
+from ._support import all_streaming, assert_answered_once, send_all, wait_connected
 
 BURST = 12
 LATE = 4  # sent after the kill, while no gateway is connected
@@ -35,20 +34,6 @@ def prepare(harness: FaultInjection, root: Path) -> None:
     document = instance_document(harness, SLOW, conversation={"concurrency": 32})
     (folder / f"{harness.instance}.json").write_text(json.dumps(document))
     (root / "gateway.toml").write_text('state_dir = "state"\nshutdown_grace = 1.0\n')
-
-
-async def send_all(harness: FaultInjection, texts: dict[str, str], sender: str) -> None:
-    await asyncio.gather(
-        *(
-            harness.send(t, sender=f"{sender}{i}", message_id=m)
-            for i, (m, t) in enumerate(texts.items())
-        )
-    )
-
-
-async def all_streaming(harness: FaultInjection, message_ids: Iterable[str]) -> None:
-    while not all([(await harness.reply(m)).state == "streaming" for m in message_ids]):
-        await asyncio.sleep(0.02)
 
 
 async def kill_9(process: GatewayProcess, harness: FaultInjection) -> None:
